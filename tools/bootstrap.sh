@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Create (or refresh) the project's Python 3.12 virtual environment in .venv and install the
+# project with its test tools. Safe to run again: it reinstalls only when pyproject.toml changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+find_python() {
+    local candidates=("${PYTHON:-}" python3.12)
+    for c in "${candidates[@]}"; do
+        [ -n "$c" ] || continue
+        if command -v "$c" >/dev/null 2>&1 && "$c" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then
+            echo "$c"; return 0
+        fi
+    done
+    # pyenv installs expose python3.12 only as a shim unless 3.12 is selected: look for it directly.
+    for c in "$HOME"/.pyenv/versions/3.12*/bin/python3.12 /usr/bin/python3.12 /usr/local/bin/python3.12; do
+        if [ -x "$c" ]; then echo "$c"; return 0; fi
+    done
+    return 1
+}
+
+PY=$(find_python) || { echo "error: Python 3.12 not found (megatron-core 0.19 needs it); set PYTHON=/path/to/python3.12" >&2; exit 1; }
+if [ ! -x .venv/bin/python ]; then
+    echo "[bootstrap] creating .venv with $PY"
+    "$PY" -m venv .venv
+fi
+stamp=.bootstrap-stamp
+want=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "[bootstrap] installing megatron_ext and its dependencies (first run downloads torch, a few GB)"
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -e ".[test]"
+    echo "$want" > "$stamp"
+fi

@@ -1,0 +1,38 @@
+"""Export megatron_ext checkpoints to Hugging Face Qwen3 / Qwen3-MoE model directories.
+
+Two layers: `export_state_dict` turns a full megatron GPTModel state dict plus an `ExportArch`
+into a model directory (config.json, generation_config.json, sharded safetensors with an index,
+tokenizer files); the checkpoint loader turns a megatron-core dist checkpoint saved under any
+TP/PP/EP layout into that full state dict. The key map lives in `megatron_ext.export.key_map`.
+"""
+
+from megatron_ext.export.arch import (
+    ExportArch,
+    UnsupportedArchitectureError,
+    arch_from_gpt_model,
+    arch_from_megatron_config,
+    moe_layer_pattern,
+)
+from megatron_ext.export.convert import (
+    IncompleteCheckpointError,
+    convert_state_dict,
+    export_state_dict,
+    iter_hf_tensors,
+    resolve_keys,
+)
+from megatron_ext.export.key_map import KEY_MAP, plan_keys
+
+__all__ = [
+    "ExportArch",
+    "UnsupportedArchitectureError",
+    "IncompleteCheckpointError",
+    "arch_from_gpt_model",
+    "arch_from_megatron_config",
+    "moe_layer_pattern",
+    "convert_state_dict",
+    "export_state_dict",
+    "iter_hf_tensors",
+    "resolve_keys",
+    "KEY_MAP",
+    "plan_keys",
+]

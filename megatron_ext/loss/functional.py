@@ -1,0 +1,375 @@
+"""Local-shard math of the vocab-parallel reward-shaped loss. No collectives here.
+
+The vocab-parallel loss (vocab_parallel.py) is three steps around ONE all-gather:
+
+1. `shard_statistics` reads this rank's logit slice [N, Vp] once, chunk by chunk, and returns a small
+   block [N, kk + 6] per position: the slice's top-kk logits (their first is the slice's maximum
+   m_r), S_r = sum exp(z - m_r), T_r = sum exp(z - m_r) (z - m_r), the target's logit (0 if not
+   owned), an ownership flag, the number of logits >= the slice's kk-th value, and Vp. It writes
+   exp(z - m_r) over a fp32 buffer (the logits themselves when they are fp32, as megatron-core's
+   cross-entropy does) for the backward, with the sign bit set on the candidates of the top-k set
+   (logits >= the slice's kk-th value) when head and tail rewards differ.
+2. `merge_statistics` turns the gathered blocks [tp, N, kk + 6] into every per-position quantity:
+   global max and log-sum-exp, tau (the global k-th logit), head and tail sums (exactly, ties
+   included), the weights, the loss and the diagnostics. Every rank computes the same numbers.
+3. `shard_gradient_` writes the gradient over the buffer, in place:
+   dloss/dz_j = W p_j - w_pos 1[j = x] - c_j p_j 1[j != x],  c_j = lambda_head if z_j >= tau
+   else lambda_tail.
+
+Why the sign bit: a slice whose kk-th value equals tau may hold more logits equal to tau than it
+could gather (ties, common with bf16 logits). Those are all in the top-k set (tau is a threshold), and
+they are exactly the marked logits; in every other slice the set members are among the gathered
+top-kk indices. So the backward needs neither the logits nor a mask.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from megatron_ext.loss.config import RewardShapingConfig
+from megatron_ext.loss.reference import ShapedLossStats, positive_weight
+
+__all__ = [
+    "vocab_range",
+    "topk_largest",
+    "ShardPlan",
+    "plan_shard",
+    "shard_statistics",
+    "MergedStatistics",
+    "merge_statistics",
+    "shard_gradient_",
+    "STAT_COLUMNS",
+]
+
+# Columns after the kk top values in a shard's statistics block.
+STAT_COLUMNS = ("sum_exp", "sum_exp_shifted", "target_logit", "owns_target", "count_ge_kth", "vp")
+_S, _T, _ZX, _OWN, _CNT, _VP = range(len(STAT_COLUMNS))
+
+# Elements per chunk of rows: small enough that a chunk's temporaries stay in a CPU's L2 cache,
+# large enough on a GPU that the per-chunk kernel launches are negligible.
+_CHUNK_ELEMENTS_CPU = 1 << 18
+_CHUNK_ELEMENTS_GPU = 1 << 25
+
+
+def vocab_range(partition_vocab_size: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, end) of the vocabulary slice held by `rank` when each rank holds an equal slice."""
+    if partition_vocab_size <= 0:
+        raise ValueError(f"partition_vocab_size must be positive, got {partition_vocab_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside [0, {world_size})")
+    start = rank * partition_vocab_size
+    return start, start + partition_vocab_size
+
+
+def _rows_per_chunk(num_rows: int, row_len: int, device: torch.device) -> int:
+    budget = _CHUNK_ELEMENTS_GPU if device.type == "cuda" else _CHUNK_ELEMENTS_CPU
+    return max(1, min(num_rows, budget // max(1, row_len)))
+
+
+def topk_largest(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values (descending) and indices of the k largest entries of each row of x [n, V].
+
+    Exact, and much faster than torch.topk on CPU for k << V: the rows are cut into blocks, the k
+    blocks with the largest maxima are kept (they contain every value above the k-th largest, and
+    at least k values >= it, so the k largest values are found among them), and torch.topk runs on
+    those k * block candidates only. Among tied values the indices chosen may differ from
+    torch.topk's; the values never do.
+    """
+    n, v = x.shape
+    block = 0
+    for b in (64, 32, 16, 8):
+        if v % b == 0 and k * b * 4 <= v:
+            block = b
+            break
+    if block == 0 or x.device.type == "cuda":
+        return torch.topk(x, k, dim=-1)
+    blocks = x.view(n, v // block, block)  # [n, V/block, block]
+    _, top_blocks = torch.topk(blocks.amax(-1), k, dim=-1)  # [n, k]
+    cand = blocks.gather(1, top_blocks.unsqueeze(-1).expand(n, k, block))  # [n, k, block]
+    values, cand_idx = torch.topk(cand.view(n, k * block), k, dim=-1)  # [n, k]
+    indices = top_blocks.gather(1, cand_idx // block) * block + cand_idx % block
+    return values, indices
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardPlan:
+    """What one call has to compute, fixed by the config, the slice size and the stats request."""
+
+    kk: int
+    """Top values gathered per slice (1: only the maximum)."""
+    find_topk: bool
+    """Whether tau and the head sums are needed (rank-split rewards or top-k mass statistics)."""
+    mark_head: bool
+    """Whether top-k candidates are sign-marked in the buffer (rank split and kk < slice)."""
+    save_topk_indices: bool
+    """Whether the backward needs the gathered top-kk indices (rank-split rewards)."""
+
+
+def plan_shard(
+    config: RewardShapingConfig, partition_vocab_size: int, vocab_size: int, return_stats: bool
+) -> ShardPlan:
+    """The work of one call; raises if top_k does not fit the vocabulary."""
+    if config.uses_top_k and config.top_k > vocab_size:
+        raise ValueError(
+            f"top_k={config.top_k} exceeds the vocabulary size {vocab_size} (the full, padded "
+            f"vocabulary over all tensor-parallel ranks); choose top_k <= {vocab_size}"
+        )
+    find_topk = config.needs_rank_split or return_stats
+    k = min(config.top_k, vocab_size)
+    kk = min(k, partition_vocab_size) if find_topk else 1
+    return ShardPlan(
+        kk=kk,
+        find_topk=find_topk,
+        mark_head=config.needs_rank_split and kk < partition_vocab_size,
+        save_topk_indices=config.needs_rank_split,
+    )
+
+
+def shard_statistics(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    valid: torch.Tensor,
+    vocab_start: int,
+    plan: ShardPlan,
+    out: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Per-position statistics of one vocabulary slice, and exp(z - m_r) written into `out`.
+
+    Args:
+        logits: [N, Vp] this rank's logits, any float dtype.
+        target: [N] global target ids.
+        valid: [N] bool, False at ignored positions.
+        vocab_start: first vocabulary id of this slice.
+        plan: from plan_shard.
+        out: [N, Vp] fp32 buffer for exp(z - m_r); may be `logits` itself (fp32 logits).
+
+    Returns:
+        block [N, kk + 6] fp32 (top-kk values, then STAT_COLUMNS); the local indices [N, kk] of the
+        top-kk values when plan.save_topk_indices, else None; and when plan.mark_head, the rows
+        [R] whose kk-th value ties with a logit beyond the gathered ones (their candidates are
+        sign-marked in `out`), else None.
+    """
+    n, vp = logits.shape
+    kk = plan.kk
+    block = torch.empty(n, kk + len(STAT_COLUMNS), dtype=torch.float32, device=logits.device)
+    top_idx = (
+        torch.empty(n, kk, dtype=torch.long, device=logits.device)
+        if plan.save_topk_indices
+        else None
+    )
+
+    # The target logit, read before `out` (possibly the logits themselves) is overwritten.
+    local_t = target - vocab_start
+    owns = valid & (local_t >= 0) & (local_t < vp)
+    local_t = torch.where(owns, local_t, torch.zeros_like(local_t))
+    block[:, kk + _ZX] = logits.gather(1, local_t.unsqueeze(1)).squeeze(1).float() * owns
+    block[:, kk + _OWN] = owns.float()
+    block[:, kk + _VP] = float(vp)
+    block[:, kk + _CNT] = float(kk)
+
+    # Top-kk + 1 tells whether the kk-th value ties with a logit that was not gathered; only
+    # such rows need the count of logits >= it (and, for rank-split rewards, the marks).
+    look_beyond = plan.find_topk and kk < vp
+    tie_rows: list[torch.Tensor] = []
+    rows = _rows_per_chunk(n, vp, logits.device)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        z = logits[r0:r1].float()  # [c, Vp], a view when logits are fp32
+        if plan.find_topk:
+            if look_beyond:
+                values, idx = topk_largest(z, kk + 1)  # [c, kk + 1]
+                ties = (values[:, kk] == values[:, kk - 1]).nonzero().squeeze(1)  # [t]
+                values, idx = values[:, :kk], idx[:, :kk]
+            else:
+                values, idx = torch.sort(z, dim=-1, descending=True)  # the whole slice
+            block[r0:r1, :kk] = values
+            if top_idx is not None:
+                top_idx[r0:r1] = idx
+            m = values[:, :1]
+        else:
+            m = z.amax(dim=-1, keepdim=True)
+            block[r0:r1, :1] = m
+        if look_beyond and ties.numel() > 0:
+            # [t, Vp] the slice's top-kk and every logit tied with its kk-th value
+            candidate = z.index_select(0, ties) >= values.index_select(0, ties)[:, kk - 1 :]
+            block[r0 + ties, kk + _CNT] = candidate.sum(-1, dtype=torch.float32)
+        shifted = z - m  # [c, Vp]
+        e = torch.exp(shifted, out=out[r0:r1])  # [c, Vp], over the fp32 logits themselves
+        block[r0:r1, kk + _S] = e.sum(-1)
+        block[r0:r1, kk + _T] = torch.bmm(e.unsqueeze(1), shifted.unsqueeze(2)).view(-1)
+        if plan.mark_head and ties.numel() > 0:
+            marked = e.index_select(0, ties)
+            e.index_copy_(0, ties, torch.where(candidate, marked.neg(), marked))
+            tie_rows.append(ties + r0)
+    marked_rows = None
+    if plan.mark_head:
+        marked_rows = torch.cat(tie_rows) if tie_rows else block.new_empty(0, dtype=torch.long)
+    return block, top_idx, marked_rows
+
+
+@dataclasses.dataclass
+class MergedStatistics:
+    """Per-position results of merging every slice's block; identical on every rank."""
+
+    loss: torch.Tensor  # [N]
+    stats: ShapedLossStats  # each [N]
+    shift: torch.Tensor  # [N] max + log S: p_j = exp(z_j - shift)
+    tau: torch.Tensor  # [N] the k-th largest logit (+inf when not needed)
+    w_pos: torch.Tensor  # [N] 0 at ignored positions
+    weight_sum: torch.Tensor  # [N] W, 0 at ignored positions
+    bad_target: torch.Tensor  # [N] bool: a valid target owned by no rank or by several
+    non_finite: torch.Tensor  # [N] bool: some logit of the position is NaN or infinite
+    unequal_slices: bool
+
+
+def merge_statistics(
+    gathered: torch.Tensor,
+    valid: torch.Tensor,
+    config: RewardShapingConfig,
+    plan: ShardPlan,
+    vocab_size: int,
+) -> MergedStatistics:
+    """Combine the per-slice blocks [tp, N, kk + 6] into the loss and the backward's scalars."""
+    kk = plan.kk
+    values = gathered[..., :kk]  # [tp, N, kk]
+    col = gathered[..., kk:]  # [tp, N, 6]
+    m_r = values[..., 0]  # [tp, N]
+    m = m_r.amax(0)  # [N]
+    scale = torch.exp(m_r - m)  # [tp, N]
+    sum_exp = (col[..., _S] * scale).sum(0)  # [N] S = sum_a exp(z_a - m)
+    # sum_a exp(z_a - m) (z_a - m), rescaled from each slice's own maximum to the global one.
+    sum_exp_shifted = (scale * (col[..., _T] + (m_r - m) * col[..., _S])).sum(0)
+    log_s = torch.log(sum_exp)
+    target_logit = col[..., _ZX].sum(0)
+    owners = col[..., _OWN].sum(0)
+    target_logprob = target_logit - m - log_s
+    target_prob = torch.exp(target_logprob)
+    target_e = target_prob * sum_exp  # exp(z_x - m)
+    target_e_shifted = target_e * (target_logit - m)
+
+    if plan.find_topk:
+        k = min(config.top_k, vocab_size)
+        tp = gathered.shape[0]
+        candidates = values.permute(1, 0, 2).reshape(-1, tp * kk)  # [N, tp*kk]
+        tau = torch.topk(candidates, k, dim=-1).values[:, -1]  # [N]
+        in_head = candidates >= tau.unsqueeze(1)
+        e_head = torch.exp(candidates - m.unsqueeze(1)) * in_head
+        head_sum = e_head.sum(-1)
+        head_shifted = (e_head * (candidates - m.unsqueeze(1))).sum(-1)
+        # A slice whose own kk-th value equals tau may hold more logits equal to tau than it
+        # gathered; count_ge_kth tells how many it holds.
+        extra = torch.where(values[..., kk - 1] == tau, col[..., _CNT] - kk, 0.0).sum(0)
+        e_tau = torch.exp(tau - m)
+        head_sum = head_sum + extra * e_tau
+        head_shifted = head_shifted + extra * e_tau * (tau - m)
+        target_in_head = target_logit >= tau
+    else:
+        tau = torch.full_like(m, float("inf"))
+        head_sum = torch.zeros_like(m)
+        head_shifted = torch.zeros_like(m)
+        target_in_head = torch.zeros_like(valid)
+
+    # Negatives only: the target never gets a negative reward.
+    head_neg = head_sum - target_e * target_in_head
+    head_neg_shifted = head_shifted - target_e_shifted * target_in_head
+    tail_neg = sum_exp - head_sum - target_e * ~target_in_head
+    tail_neg_shifted = sum_exp_shifted - head_shifted - target_e_shifted * ~target_in_head
+    # sum_{a in set} p_a log p_a = (1/S) sum e_a (z_a - m) - log S * (1/S) sum e_a
+    p_head_neg, p_tail_neg = head_neg / sum_exp, tail_neg / sum_exp
+    plogp_head = head_neg_shifted / sum_exp - log_s * p_head_neg
+    plogp_tail = tail_neg_shifted / sum_exp - log_s * p_tail_neg
+
+    w_pos = positive_weight(target_logprob, config.beta)
+    weight_sum = w_pos + config.lambda_head * p_head_neg + config.lambda_tail * p_tail_neg
+    loss = -(w_pos * target_logprob + config.lambda_head * plogp_head + config.lambda_tail * plogp_tail)
+
+    zero = torch.zeros_like(loss)
+    vp_col = col[..., _VP]
+    return MergedStatistics(
+        loss=torch.where(valid, loss, zero),
+        stats=ShapedLossStats(
+            entropy=log_s - sum_exp_shifted / sum_exp,
+            target_prob=torch.where(valid, target_prob, zero),
+            target_logprob=torch.where(valid, target_logprob, zero),
+            topk_mass=head_sum / sum_exp if plan.find_topk else torch.full_like(m, float("nan")),
+        ),
+        shift=m + log_s,
+        tau=tau,
+        w_pos=torch.where(valid, w_pos, zero),
+        weight_sum=torch.where(valid, weight_sum, zero),
+        bad_target=valid & (owners != 1),
+        non_finite=~(torch.isfinite(m) & torch.isfinite(sum_exp) & torch.isfinite(sum_exp_shifted)),
+        unequal_slices=bool((vp_col != vp_col[0:1]).any()),
+    )
+
+
+def shard_gradient_(
+    buf: torch.Tensor,
+    grad_loss: torch.Tensor,
+    local_max: torch.Tensor,
+    local_top_values: torch.Tensor | None,
+    local_top_idx: torch.Tensor | None,
+    marked_rows: torch.Tensor | None,
+    target: torch.Tensor,
+    valid: torch.Tensor,
+    owns_target: torch.Tensor,
+    vocab_start: int,
+    merged_shift: torch.Tensor,
+    tau: torch.Tensor,
+    target_logprob: torch.Tensor,
+    w_pos: torch.Tensor,
+    weight_sum: torch.Tensor,
+    config: RewardShapingConfig,
+    plan: ShardPlan,
+) -> torch.Tensor:
+    """Turn buf [N, Vp] (exp(z - m_r), sign-marked rows) into dloss/dz of this slice, in place.
+
+    grad_loss [N] is the upstream gradient of the per-position loss; ignored positions (valid False)
+    get a zero gradient whatever it says.
+    """
+    n, vp = buf.shape
+    g = grad_loss.float() * valid
+    # p_j = |buf_j| * exp(m_r - shift); every logit first gets the tail coefficient W - lambda_tail.
+    row_scale = g * torch.exp(local_max - merged_shift)  # [N]
+    coef_tail = (row_scale * (weight_sum - config.lambda_tail)).unsqueeze(1)  # [N, 1]
+
+    marked_grad = None
+    marks_are_members = torch.zeros_like(valid)
+    if marked_rows is not None and marked_rows.numel() > 0:
+        # In rows whose kk-th value is tau, every marked logit is in the set (ties included); in
+        # the other marked rows the marks are stale and every logit is a tail logit.
+        kth = local_top_values.index_select(0, marked_rows)[:, plan.kk - 1]
+        members = kth == tau.index_select(0, marked_rows)  # [R]
+        marks_are_members.index_fill_(0, marked_rows[members], True)
+        a = coef_tail.index_select(0, marked_rows)  # [R, 1]
+        b = torch.where(
+            members, row_scale.index_select(0, marked_rows) * (weight_sum - config.lambda_head)
+            .index_select(0, marked_rows), a.squeeze(1)
+        ).unsqueeze(1)
+        e = buf.index_select(0, marked_rows)  # [R, Vp]
+        # a * e where e >= 0 (unmarked), b * |e| where e < 0 (marked): a e - (a + b) min(e, 0)
+        marked_grad = e.mul(a).sub_(e.clamp_max(0.0).mul_(a + b))
+
+    rows = _rows_per_chunk(n, vp, buf.device)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        buf[r0:r1].mul_(coef_tail[r0:r1])
+    if marked_grad is not None:
+        buf.index_copy_(0, marked_rows, marked_grad)
+
+    if plan.save_topk_indices:
+        # Set members among the gathered indices, in rows the marks did not handle: they got
+        # W - lambda_tail and need W - lambda_head, so add (lambda_tail - lambda_head) p_j.
+        p_top = torch.exp(local_top_values - merged_shift.unsqueeze(1))  # [N, kk]
+        member = (local_top_values >= tau.unsqueeze(1)) & ~marks_are_members.unsqueeze(1)
+        fix = (g * (config.lambda_tail - config.lambda_head)).unsqueeze(1) * p_top * member
+        buf.scatter_add_(1, local_top_idx, fix)
+
+    # The target: W p_x - w_pos (it is never a negative, whatever the marks said).
+    local_t = torch.where(owns_target, target - vocab_start, torch.zeros_like(target))
+    target_grad = g * (weight_sum * torch.exp(target_logprob) - w_pos)  # [N]
+    current = buf.gather(1, local_t.unsqueeze(1)).squeeze(1)
+    buf.scatter_(1, local_t.unsqueeze(1), torch.where(owns_target, target_grad, current).unsqueeze(1))
+    return buf

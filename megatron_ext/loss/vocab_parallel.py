@@ -1,0 +1,218 @@
+"""Vocab-parallel reward-shaped loss: the local math of functional.py plus ONE all-gather."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megatron_ext.loss.config import RewardShapingConfig
+from megatron_ext.loss.functional import (
+    STAT_COLUMNS,
+    ShardPlan,
+    merge_statistics,
+    plan_shard,
+    shard_gradient_,
+    shard_statistics,
+    vocab_range,
+)
+from megatron_ext.loss.reference import ShapedLossStats
+
+__all__ = ["vocab_parallel_shaped_cross_entropy"]
+
+
+def _all_gather_rows(block: torch.Tensor, tp_group: dist.ProcessGroup | None) -> torch.Tensor:
+    """[N, C] on each rank -> [tp, N, C], identical on every rank."""
+    if tp_group is None or dist.get_world_size(tp_group) == 1:
+        return block.unsqueeze(0)
+    world = dist.get_world_size(tp_group)
+    out = torch.empty((world, *block.shape), dtype=block.dtype, device=block.device)
+    dist.all_gather_into_tensor(out, block.contiguous(), group=tp_group)
+    return out
+
+
+def _raise_bad_input(merged, target, valid, logits_2d, vocab_size, ignore_index, rank) -> None:
+    """Every rank sees the same merged flags, so every rank raises: no peer is left waiting."""
+    if merged.unequal_slices:
+        raise ValueError(
+            "tensor-parallel ranks hold vocabulary slices of different sizes; every rank must hold "
+            "vocab_size / tp logits (megatron-core pads the vocabulary to make this so)"
+        )
+    if bool(merged.non_finite.any()):
+        pos = int(merged.non_finite.nonzero()[0])
+        local = logits_2d[pos].float()
+        kinds = [
+            name
+            for name, hit in (
+                ("NaN", torch.isnan(local).any()),
+                ("+inf", torch.isposinf(local).any()),
+                ("-inf", torch.isneginf(local).any()),
+            )
+            if bool(hit)
+        ]
+        where = f"this rank ({rank}) holds {', '.join(kinds)}" if kinds else "on another rank"
+        raise ValueError(
+            f"non-finite logits at flat position {pos} of {merged.non_finite.numel()} "
+            f"({int(merged.non_finite.sum())} positions affected; {where}); the loss needs "
+            "finite logits"
+        )
+    if bool(merged.bad_target.any()):
+        pos = int(merged.bad_target.nonzero()[0])
+        raise ValueError(
+            f"target id {int(target[pos])} at flat position {pos} is outside the vocabulary "
+            f"[0, {vocab_size}) and is not ignore_index={ignore_index} "
+            f"({int(merged.bad_target.sum())} positions affected)"
+        )
+
+
+class _VocabParallelShapedCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx,
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        config: RewardShapingConfig,
+        tp_group: dist.ProcessGroup | None,
+        ignore_index: int,
+        return_stats: bool,
+    ):
+        if logits.shape[:-1] != target.shape:
+            raise ValueError(
+                f"logits {tuple(logits.shape)} and target {tuple(target.shape)} disagree: logits "
+                "must be [s, b, V/tp] and target [s, b]"
+            )
+        if not logits.is_floating_point():
+            raise TypeError(f"logits must be a floating-point tensor, got {logits.dtype}")
+        tp = 1 if tp_group is None else dist.get_world_size(tp_group)
+        rank = 0 if tp_group is None else dist.get_rank(tp_group)
+        vp = logits.shape[-1]
+        vocab_size = vp * tp
+        vocab_start, _ = vocab_range(vp, rank, tp)
+        plan = plan_shard(config, vp, vocab_size, return_stats)
+
+        logits = logits.contiguous()
+        logits_2d = logits.view(-1, vp)  # [N, Vp]
+        target_1d = target.reshape(-1)  # [N]
+        valid = target_1d != ignore_index
+        # exp(z - m_r) goes over the fp32 logits in place, as megatron-core's cross-entropy does;
+        # other dtypes get one fp32 buffer (megatron-core's .float() copy).
+        buf = logits_2d if logits_2d.dtype == torch.float32 else torch.empty_like(
+            logits_2d, dtype=torch.float32
+        )
+        block, top_idx, marked_rows = shard_statistics(logits_2d, target_1d, valid, vocab_start, plan, buf)
+        local_values = block[:, : plan.kk].clone() if plan.save_topk_indices else None
+        local_max = block[:, 0].clone()
+        owns = block[:, plan.kk + STAT_COLUMNS.index("owns_target")] > 0
+
+        gathered = _all_gather_rows(block, tp_group)  # [tp, N, kk + 6]
+        merged = merge_statistics(gathered, valid, config, plan, vocab_size)
+        _raise_bad_input(merged, target_1d, valid, logits_2d, vocab_size, ignore_index, rank)
+
+        ctx.config, ctx.plan, ctx.vocab_start = config, plan, vocab_start
+        ctx.logits_dtype = logits.dtype
+        ctx.save_for_backward(
+            logits if buf.data_ptr() == logits.data_ptr() else buf,  # autograd saves no views
+            local_max,
+            local_values,
+            top_idx,
+            marked_rows,
+            target_1d,
+            valid,
+            owns,
+            merged.shift,
+            merged.tau,
+            merged.stats.target_logprob,
+            merged.w_pos,
+            merged.weight_sum,
+        )
+        loss = merged.loss.view(target.shape)
+        if not return_stats:
+            return loss
+        stats = ShapedLossStats(*(s.view(target.shape) for s in merged.stats))
+        ctx.mark_non_differentiable(*stats)
+        return (loss, *stats)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused_stat_grads):
+        (
+            buf,
+            local_max,
+            local_values,
+            top_idx,
+            marked_rows,
+            target_1d,
+            valid,
+            owns,
+            shift,
+            tau,
+            target_logprob,
+            w_pos,
+            weight_sum,
+        ) = ctx.saved_tensors
+        plan: ShardPlan = ctx.plan
+        grad = shard_gradient_(
+            buf.view(-1, buf.shape[-1]),
+            grad_loss.reshape(-1),
+            local_max,
+            local_values,
+            top_idx,
+            marked_rows,
+            target_1d,
+            valid,
+            owns,
+            ctx.vocab_start,
+            shift,
+            tau,
+            target_logprob,
+            w_pos,
+            weight_sum,
+            ctx.config,
+            plan,
+        )
+        grad = grad.view(*grad_loss.shape, -1)
+        return grad, None, None, None, None, None
+
+
+def vocab_parallel_shaped_cross_entropy(
+    vocab_parallel_logits: torch.Tensor,
+    target: torch.Tensor,
+    config: RewardShapingConfig,
+    tp_group: dist.ProcessGroup | None,
+    ignore_index: int = -100,
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, ShapedLossStats]:
+    """Reward-shaped loss over logits split along the vocabulary across tensor-parallel ranks.
+
+    One all-gather of a [N, kk + 6] block per call (kk = min(top_k, V/tp) when the top-k set is
+    needed, else 1); the backward is local. Math in fp32 whatever the logits' dtype. Exact against
+    reference_shaped_cross_entropy, ties at the k-th logit included.
+
+    Like megatron-core's vocab_parallel_cross_entropy, this overwrites fp32 logits in place (they
+    hold exp(logit - max) after the forward and the gradient after the backward); pass a clone if
+    you need them afterwards. Other dtypes are not modified; one fp32 buffer of their size is kept
+    for the backward, as megatron-core does.
+
+    Args:
+        vocab_parallel_logits: [s, b, V/tp] (any leading shape) this rank's slice of the logits;
+            rank r holds vocabulary ids [r * V/tp, (r + 1) * V/tp).
+        target: [s, b] global target ids.
+        config: the reward shaping.
+        tp_group: the tensor-parallel group the vocabulary is split over; None means the logits
+            hold the whole vocabulary (no communication).
+        ignore_index: target value of positions that get zero loss and zero gradient.
+        return_stats: also return ShapedLossStats computed from the same sums (top-k mass with
+            k = config.top_k; it costs a top-k search when the config itself needs none).
+
+    Returns:
+        loss [s, b] fp32 per position; with return_stats, (loss, ShapedLossStats).
+
+    Raises:
+        ValueError: labels outside the vocabulary, unequal vocabulary slices, top_k larger than
+            the vocabulary, non-finite logits. Raised on every rank of the group alike.
+    """
+    out = _VocabParallelShapedCrossEntropy.apply(
+        vocab_parallel_logits, target, config, tp_group, ignore_index, return_stats
+    )
+    if not return_stats:
+        return out
+    loss, *stats = out
+    return loss, ShapedLossStats(*stats)

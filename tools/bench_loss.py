@@ -1,0 +1,175 @@
+#!/usr/bin/env python
+"""Benchmark: the reward-shaped loss against megatron-core's vocab_parallel_cross_entropy.
+
+Forward + backward time and peak memory of every preset on the same inputs, in one run, printed
+as ratios to megatron-core's cross-entropy. On CPU the peak is the process's peak resident memory,
+measured in a fresh subprocess per method; on CUDA it is torch.cuda.max_memory_allocated.
+
+    python tools/bench_loss.py                      # T=4096, V=32768, fp32, on CUDA if present
+    python tools/bench_loss.py --tokens 8192 --vocab 151936 --dtype bf16 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from megatron_ext.loss import RewardShapingConfig, vocab_parallel_shaped_cross_entropy
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+BASELINE = "megatron_ce"
+
+
+def _init_single_rank_group() -> dist.ProcessGroup:
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            import socket
+
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    return dist.group.WORLD
+
+
+def _make_inputs(args) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1234)
+    logits = torch.empty(args.tokens, 1, args.vocab, dtype=DTYPES[args.dtype], device=args.device)
+    for r0 in range(0, args.tokens, 256):  # in slices, so that making inputs sets no memory peak
+        # Logits shaped like a language model's: a few strong candidates over a broad tail.
+        rows = torch.randn(min(256, args.tokens - r0), 1, args.vocab, generator=gen) * 2.0
+        rows[..., : args.vocab // 64] += 4.0
+        logits[r0 : r0 + 256] = rows
+    target = torch.randint(0, args.vocab, (args.tokens, 1), generator=gen)
+    return logits, target.to(args.device)
+
+
+def _method(name: str, group: dist.ProcessGroup):
+    from megatron.core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+
+    if name == BASELINE:
+        return lambda x, t: vocab_parallel_cross_entropy(x, t, tp_group=group)
+    cfg = RewardShapingConfig.preset(name)
+    return lambda x, t: vocab_parallel_shaped_cross_entropy(x, t, cfg, group)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _run_once(fn, base: torch.Tensor, target: torch.Tensor, device: str) -> float:
+    # Both losses overwrite fp32 logits in place: every run gets a fresh copy, outside the timing.
+    x = base.clone().requires_grad_()
+    _sync(device)
+    t0 = time.perf_counter()
+    fn(x, target).sum().backward()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def measure_memory(args, name: str) -> dict:
+    """Peak memory of one method (run in a fresh process on CPU)."""
+    group = _init_single_rank_group()
+    fn = _method(name, group)
+    base, target = _make_inputs(args)
+    x = base.requires_grad_()
+    del base
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        fn(x, target).sum().backward()
+        torch.cuda.synchronize()
+        peak, before = torch.cuda.max_memory_allocated(), start
+    else:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        fn(x, target).sum().backward()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"peak_bytes": peak, "before_bytes": before}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=4096, help="positions T (s * b)")
+    parser.add_argument("--vocab", type=int, default=32768, help="vocabulary size V")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per method")
+    parser.add_argument(
+        "--presets", nargs="+", default=list(RewardShapingConfig.PRESET_NAMES), help="loss presets"
+    )
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--_memory-of", dest="memory_of", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    if args.memory_of:
+        print(json.dumps(measure_memory(args, args.memory_of)))
+        return
+
+    methods = [BASELINE, *args.presets]
+    group = _init_single_rank_group()
+    fns = {m: _method(m, group) for m in methods}
+    base, target = _make_inputs(args)
+    print(
+        f"T={args.tokens} V={args.vocab} dtype={args.dtype} device={args.device} "
+        f"threads={torch.get_num_threads()} repeats={args.repeats}",
+        flush=True,
+    )
+    for m in methods:  # warm-up
+        _run_once(fns[m], base, target, args.device)
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for _ in range(args.repeats):  # interleaved, so drift hits every method alike
+        for m in methods:
+            times[m].append(_run_once(fns[m], base, target, args.device))
+
+    memory: dict[str, dict] = {}
+    if not args.no_memory:
+        for m in methods:
+            if args.device == "cuda":
+                memory[m] = measure_memory(args, m)
+                continue
+            cmd = [sys.executable, __file__, "--_memory-of", m, "--tokens", str(args.tokens)]
+            cmd += ["--vocab", str(args.vocab), "--dtype", args.dtype, "--device", args.device]
+            env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+            memory[m] = json.loads(out.strip().splitlines()[-1])
+
+    base_t = statistics.median(times[BASELINE])
+    rows = []
+    header = f"{'method':<20}{'median ms':>11}{'time ratio':>12}"
+    if memory:
+        header += f"{'peak MiB':>11}{'extra MiB':>11}{'peak ratio':>12}"
+    print(header)
+    for m in methods:
+        t = statistics.median(times[m])
+        row = {"method": m, "median_s": t, "time_ratio": t / base_t}
+        line = f"{m:<20}{t * 1e3:>11.1f}{t / base_t:>11.3f}x"
+        if memory:
+            peak = memory[m]["peak_bytes"]
+            extra = peak - memory[m]["before_bytes"]
+            ratio = peak / memory[BASELINE]["peak_bytes"]
+            row.update(peak_bytes=peak, extra_bytes=extra, peak_ratio=ratio)
+            line += f"{peak / 2**20:>11.0f}{extra / 2**20:>11.0f}{ratio:>11.3f}x"
+        rows.append(row)
+        print(line)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "results": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

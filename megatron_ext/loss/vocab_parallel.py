@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -19,41 +21,51 @@ from megatron_ext.loss.reference import ShapedLossStats
 
 __all__ = ["vocab_parallel_shaped_cross_entropy"]
 
+# torch 2.14 renamed all_gather_into_tensor (concatenation along dim 0) to all_gather_single.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 def _all_gather_rows(block: torch.Tensor, tp_group: dist.ProcessGroup | None) -> torch.Tensor:
     """[N, C] on each rank -> [tp, N, C], identical on every rank."""
     if tp_group is None or dist.get_world_size(tp_group) == 1:
         return block.unsqueeze(0)
     world = dist.get_world_size(tp_group)
-    out = torch.empty((world, *block.shape), dtype=block.dtype, device=block.device)
-    dist.all_gather_into_tensor(out, block.contiguous(), group=tp_group)
-    return out
+    out = torch.empty((world * block.shape[0], *block.shape[1:]), dtype=block.dtype, device=block.device)
+    _all_gather_single(out, block.contiguous(), group=tp_group)
+    return out.view(world, *block.shape)
 
 
-def _raise_bad_input(merged, target, valid, logits_2d, vocab_size, ignore_index, rank) -> None:
+def _non_finite_kinds(block: torch.Tensor) -> list[str]:
+    """What a slice's statistics [kk + 6] say about its non-finite logits."""
+    m, s, t = float(block[0]), float(block[-6]), float(block[-5])
+    if math.isnan(m) or math.isnan(s):
+        return ["NaN"]
+    if m == math.inf:
+        return ["+inf"]
+    if m == -math.inf or math.isnan(t):
+        return ["-inf"]
+    return []
+
+
+def _raise_bad_input(merged, gathered, target, vocab_size, ignore_index) -> None:
     """Every rank sees the same merged flags, so every rank raises: no peer is left waiting."""
     if merged.unequal_slices:
+        sizes = [int(v) for v in gathered[:, 0, -1]]
         raise ValueError(
-            "tensor-parallel ranks hold vocabulary slices of different sizes; every rank must hold "
-            "vocab_size / tp logits (megatron-core pads the vocabulary to make this so)"
+            f"tensor-parallel ranks hold vocabulary slices of different sizes {sizes}; every rank "
+            "must hold vocab_size / tp logits (megatron-core pads the vocabulary to make this so)"
         )
     if bool(merged.non_finite.any()):
         pos = int(merged.non_finite.nonzero()[0])
-        local = logits_2d[pos].float()
-        kinds = [
-            name
-            for name, hit in (
-                ("NaN", torch.isnan(local).any()),
-                ("+inf", torch.isposinf(local).any()),
-                ("-inf", torch.isneginf(local).any()),
-            )
-            if bool(hit)
+        holders = [
+            f"TP rank {r} holds {'/'.join(kinds)}"
+            for r in range(gathered.shape[0])
+            if (kinds := _non_finite_kinds(gathered[r, pos]))
         ]
-        where = f"this rank ({rank}) holds {', '.join(kinds)}" if kinds else "on another rank"
         raise ValueError(
-            f"non-finite logits at flat position {pos} of {merged.non_finite.numel()} "
-            f"({int(merged.non_finite.sum())} positions affected; {where}); the loss needs "
-            "finite logits"
+            f"non-finite logits at flat position {pos} ({int(merged.non_finite.sum())} of "
+            f"{merged.non_finite.numel()} positions affected; {', '.join(holders)}); the loss "
+            "needs finite logits"
         )
     if bool(merged.bad_target.any()):
         pos = int(merged.bad_target.nonzero()[0])
@@ -105,7 +117,7 @@ class _VocabParallelShapedCrossEntropy(torch.autograd.Function):
 
         gathered = _all_gather_rows(block, tp_group)  # [tp, N, kk + 6]
         merged = merge_statistics(gathered, valid, config, plan, vocab_size)
-        _raise_bad_input(merged, target_1d, valid, logits_2d, vocab_size, ignore_index, rank)
+        _raise_bad_input(merged, gathered, target_1d, vocab_size, ignore_index)
 
         ctx.config, ctx.plan, ctx.vocab_start = config, plan, vocab_start
         ctx.logits_dtype = logits.dtype

@@ -1,0 +1,69 @@
+"""Data pipeline: tokenize local jsonl / parquet / text files into megatron-core indexed datasets,
+train byte-level BPE tokenizers offline, and build the embedded default corpus.
+
+The names below are imported lazily (megatron-core, `datasets` and `transformers` are slow to
+import), so `import megatron_ext.data` is cheap and `python -m megatron_ext.data.default_corpus`
+runs cleanly.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from megatron_ext.data.default_corpus import (
+        DefaultCorpus,
+        DefaultCorpusConfig,
+        build_default_corpus,
+        collect_default_documents,
+    )
+    from megatron_ext.data.errors import DataError
+    from megatron_ext.data.preprocess import PreprocessResult, choose_token_dtype, preprocess
+    from megatron_ext.data.readers import InputSource, iter_texts, load_source, resolve_inputs
+    from megatron_ext.data.tokenizer import (
+        HFTokenizerAdapter,
+        check_model_vocab_size,
+        load_tokenizer,
+        resolve_eod_id,
+        save_tokenizer,
+        tokenizer_vocab_size,
+        train_bpe_tokenizer,
+    )
+
+_EXPORTS = {
+    "DataError": "errors",
+    "DefaultCorpus": "default_corpus",
+    "DefaultCorpusConfig": "default_corpus",
+    "HFTokenizerAdapter": "tokenizer",
+    "InputSource": "readers",
+    "PreprocessResult": "preprocess",
+    "build_default_corpus": "default_corpus",
+    "check_model_vocab_size": "tokenizer",
+    "choose_token_dtype": "preprocess",
+    "collect_default_documents": "default_corpus",
+    "iter_texts": "readers",
+    "load_source": "readers",
+    "load_tokenizer": "tokenizer",
+    "preprocess": "preprocess",
+    "resolve_eod_id": "tokenizer",
+    "resolve_inputs": "readers",
+    "save_tokenizer": "tokenizer",
+    "tokenizer_vocab_size": "tokenizer",
+    "train_bpe_tokenizer": "tokenizer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

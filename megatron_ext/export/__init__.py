@@ -13,6 +13,7 @@ from megatron_ext.export.arch import (
     arch_from_megatron_config,
     moe_layer_pattern,
 )
+from megatron_ext.export.checkpoint import export_checkpoint, load_full_model_tensors
 from megatron_ext.export.convert import (
     IncompleteCheckpointError,
     convert_state_dict,
@@ -31,6 +32,8 @@ __all__ = [
     "moe_layer_pattern",
     "convert_state_dict",
     "export_state_dict",
+    "export_checkpoint",
+    "load_full_model_tensors",
     "iter_hf_tensors",
     "resolve_keys",
     "KEY_MAP",

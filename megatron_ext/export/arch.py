@@ -137,11 +137,23 @@ class ExportArch:
         return True if self.moe_layers is None else bool(self.moe_layers[layer])
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly fields (for logs and the export's provenance record)."""
+        """JSON-friendly fields; `from_dict` reads them back."""
         out = dataclasses.asdict(self)
         if out["moe_layers"] is not None:
             out["moe_layers"] = list(out["moe_layers"])
         return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExportArch:
+        """An ExportArch from `to_dict`'s fields (e.g. read from JSON); unknown fields are errors."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(names)}")
+        data = dict(data)
+        if data.get("moe_layers") is not None:
+            data["moe_layers"] = tuple(bool(x) for x in data["moe_layers"])
+        return cls(**data)
 
 
 def moe_layer_pattern(moe_layer_freq: int | list[int], num_layers: int) -> tuple[bool, ...]:

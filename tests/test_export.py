@@ -354,29 +354,15 @@ def references(pool4, input_ids, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory) -> Path:
-    """A byte-level BPE tokenizer of 300 tokens trained on CPython's bundled docs (offline)."""
+    """The project's byte-level BPE (megatron_ext.data), 300 tokens, trained on CPython's docs."""
     import pydoc_data.topics
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|endoftext|>", "<|pad|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(list(pydoc_data.topics.topics.values())[:50], trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|endoftext|>",
-        eos_token="<|endoftext|>",
-        pad_token="<|pad|>",
-    )
-    assert len(fast) == 300
+    from megatron_ext.data.tokenizer import train_bpe_tokenizer
+
     out = tmp_path_factory.mktemp("tokenizer")
-    fast.save_pretrained(out)
+    texts = list(pydoc_data.topics.topics.values())[:50]
+    tokenizer = train_bpe_tokenizer(texts, out, vocab_size=300)
+    assert len(tokenizer) == 300
     return out
 
 

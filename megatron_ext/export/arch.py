@@ -145,7 +145,7 @@ class ExportArch:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ExportArch:
-        """An ExportArch from `to_dict`'s fields (e.g. read from JSON); unknown fields are errors."""
+        """An ExportArch from `to_dict` fields (e.g. read from JSON); unknown fields are errors."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:

@@ -199,7 +199,7 @@ _REQUIRED_MOE_CONFIG_VALUES: tuple[tuple[str, Any, str], ...] = (
     ("moe_router_topk_scaling_factor", None, "Qwen3-MoE does not scale routing weights"),
     ("moe_router_enable_expert_bias", False, "Qwen3-MoE routing has no expert bias"),
     ("moe_shared_expert_intermediate_size", None, "Qwen3-MoE has no shared experts"),
-    ("moe_router_num_groups", None, "Qwen3-MoE has no group-limited routing"),
+    ("moe_router_group_topk", None, "Qwen3-MoE has no group-limited routing"),
     ("moe_apply_probs_on_input", False, "Qwen3-MoE weights expert outputs, not inputs"),
 )
 

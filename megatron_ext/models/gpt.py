@@ -1,0 +1,186 @@
+"""The Qwen3-style megatron GPT model whose language-model loss is the reward-shaped objective.
+
+Why GPTModel and not HybridModel: megatron-core 0.19 logs a deprecation notice for GPTModel in
+favour of HybridModel, but HybridModel's layer specs (models/hybrid/hybrid_layer_specs.py) are
+built from Transformer Engine modules only, so it has no torch-native path (no CPU, no machine
+without TE), and it splits each transformer layer into separate attention and MLP layers, which
+changes checkpoint keys and pipeline splits. GPTModel still receives critical fixes, has the local
+spec, and both compute their loss through the same seam, `compute_language_model_loss`, so moving
+later means changing the base class and the spec, not the loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.enums import AttnBackend
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import Tensor
+
+from megatron_ext.loss import RewardShapingConfig, ShapedLossStats, vocab_parallel_shaped_cross_entropy
+from megatron_ext.models.config import ModelConfig
+from megatron_ext.models.spec import decoder_block_spec
+
+__all__ = ["ShapedLossGPTModel", "to_transformer_config", "build_model", "IGNORE_INDEX"]
+
+IGNORE_INDEX = -100
+"""Label of positions that carry no loss (the trainer writes it where loss_mask is 0)."""
+
+
+def to_transformer_config(
+    model: ModelConfig,
+    *,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    expert_parallel: int = 1,
+    sequence_parallel: bool | None = None,
+    params_dtype: torch.dtype = torch.float32,
+    use_transformer_engine: bool = False,
+    recompute_activations: bool = False,
+) -> TransformerConfig:
+    """megatron-core's TransformerConfig for our model config and the given parallel layout.
+
+    Args:
+        model: the model shape.
+        tensor_parallel: TP size.
+        pipeline_parallel: PP size.
+        expert_parallel: EP size (MoE only).
+        sequence_parallel: None picks megatron's recommendation: on when TP > 1 (MoE with TP > 1
+            requires it).
+        params_dtype: float32, or bfloat16 (megatron mixed precision, fp32 main params in the
+            optimizer).
+        use_transformer_engine: whether the TE spec is used (enables TE's fused RoPE).
+        recompute_activations: full activation recomputation of every layer.
+    """
+    if sequence_parallel is None:
+        sequence_parallel = tensor_parallel > 1
+    moe: dict[str, Any] = {}
+    if model.is_moe:
+        moe = dict(
+            num_moe_experts=model.num_experts,
+            moe_router_topk=model.moe_router_topk,
+            moe_ffn_hidden_size=model.moe_ffn_hidden_size,
+            moe_shared_expert_intermediate_size=model.moe_shared_expert_ffn_hidden_size or None,
+            moe_router_load_balancing_type="aux_loss",
+            moe_aux_loss_coeff=model.moe_aux_loss_coeff,
+            moe_token_dispatcher_type="alltoall",
+            moe_grouped_gemm=use_transformer_engine,
+            moe_router_dtype="fp32",
+        )
+    recompute: dict[str, Any] = {}
+    if recompute_activations:
+        recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.head_dim,
+        ffn_hidden_size=model.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.rms_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        qk_layernorm=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_std,
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        expert_model_parallel_size=expert_parallel,
+        sequence_parallel=sequence_parallel,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        # Token-sum losses; the trainer divides the gradients by the global token count.
+        calculate_per_token_loss=True,
+        attention_backend=AttnBackend.auto if use_transformer_engine else AttnBackend.local,
+        # Fused kernels come from Apex/TE; the local path uses plain torch ops.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=use_transformer_engine,
+        cross_entropy_loss_fusion=False,
+        **moe,
+        **recompute,
+    )
+
+
+class ShapedLossGPTModel(GPTModel):
+    """megatron-core's GPTModel with the reward-shaped loss as its language-model loss.
+
+    Logits stay vocab-parallel ([s, b, V/tp], never gathered); the loss reduces over the model's
+    own tensor-parallel group (`pg_collection.tp`). `last_loss_stats` holds the diagnostics of the
+    latest loss computation ([b, s] detached fp32 tensors: entropy, target_prob, target_logprob,
+    topk_mass), read by the trainer right after each forward. With multi-token prediction the main
+    head's loss is computed last, so these are the main head's statistics.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        shaping: RewardShapingConfig | None = None,
+        ignore_index: int = IGNORE_INDEX,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.shaping = shaping if shaping is not None else RewardShapingConfig()
+        self.ignore_index = ignore_index
+        self.last_loss_stats: ShapedLossStats | None = None
+
+    def compute_language_model_loss(self, labels: Tensor, logits: Tensor) -> Tensor:
+        """Per-token shaped loss.
+
+        Args:
+            labels: [b, s] global token ids (ignore_index where no loss is wanted).
+            logits: [s, b, V/tp] vocab-parallel logits of this rank (overwritten in place if fp32).
+
+        Returns:
+            [b, s] fp32 loss per position (0 at ignored positions).
+        """
+        labels = labels.transpose(0, 1).contiguous()  # [b, s] -> [s, b]
+        loss, stats = vocab_parallel_shaped_cross_entropy(
+            logits,  # [s, b, V/tp]
+            labels,  # [s, b]
+            self.shaping,
+            self.pg_collection.tp,
+            ignore_index=self.ignore_index,
+            return_stats=True,
+        )
+        self.last_loss_stats = ShapedLossStats(*(t.transpose(0, 1) for t in stats))  # [b, s]
+        return loss.transpose(0, 1).contiguous()  # [s, b] -> [b, s]
+
+
+def build_model(
+    model: ModelConfig,
+    config: TransformerConfig,
+    shaping: RewardShapingConfig | None = None,
+    *,
+    use_transformer_engine: bool = False,
+    vp_stage: int | None = None,
+) -> ShapedLossGPTModel:
+    """This rank's pipeline stage of the model (parallel_state must be initialised)."""
+    padded_vocab = model.padded_vocab_size(config.tensor_model_parallel_size)
+    return ShapedLossGPTModel(
+        config=config,
+        transformer_layer_spec=decoder_block_spec(
+            model, config, use_transformer_engine=use_transformer_engine, vp_stage=vp_stage
+        ),
+        vocab_size=padded_vocab,
+        max_sequence_length=model.seq_length,
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        share_embeddings_and_output_weights=model.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=model.rope_base,
+        shaping=shaping,
+        vp_stage=vp_stage,
+    )

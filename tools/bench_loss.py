@@ -2,8 +2,8 @@
 """Benchmark: the reward-shaped loss against megatron-core's vocab_parallel_cross_entropy.
 
 Forward + backward time and peak memory of every preset on the same inputs, in one run, printed
-as ratios to megatron-core's cross-entropy. On CPU the peak is the process's peak resident memory,
-measured in a fresh subprocess per method; on CUDA it is torch.cuda.max_memory_allocated.
+as ratios to megatron-core's cross-entropy. On CPU the peak is the process's peak resident memory
+(VmHWM, reset before the loss), measured in a fresh subprocess per method; on CUDA it is torch.cuda.max_memory_allocated.
 
     python tools/bench_loss.py                      # T=4096, V=32768, fp32, on CUDA if present
     python tools/bench_loss.py --tokens 8192 --vocab 151936 --dtype bf16 --device cuda
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -68,12 +67,19 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _forward_backward(fn, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    # autograd.grad hands back the loss's own gradient buffer: no accumulation into x.grad, which
+    # could copy it and would measure autograd rather than the loss.
+    (grad,) = torch.autograd.grad(fn(x, target).sum(), x)
+    return grad
+
+
 def _run_once(fn, base: torch.Tensor, target: torch.Tensor, device: str) -> float:
     # Both losses overwrite fp32 logits in place: every run gets a fresh copy, outside the timing.
     x = base.clone().requires_grad_()
     _sync(device)
     t0 = time.perf_counter()
-    fn(x, target).sum().backward()
+    _forward_backward(fn, x, target)
     _sync(device)
     return time.perf_counter() - t0
 
@@ -89,14 +95,30 @@ def measure_memory(args, name: str) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         start = torch.cuda.memory_allocated()
-        fn(x, target).sum().backward()
+        _forward_backward(fn, x, target)
         torch.cuda.synchronize()
         peak, before = torch.cuda.max_memory_allocated(), start
     else:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        fn(x, target).sum().backward()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        before = _reset_peak_rss()
+        _forward_backward(fn, x, target)
+        peak = _peak_rss()
     return {"peak_bytes": peak, "before_bytes": before}
+
+
+def _peak_rss() -> int:
+    """This process's peak resident memory (VmHWM) in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status: peak memory needs Linux")
+
+
+def _reset_peak_rss() -> int:
+    """Reset the peak to the current resident memory (Linux clear_refs); return it."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _peak_rss()
 
 
 def main() -> None:

@@ -33,7 +33,6 @@ from megatron_ext.loss.reference import ShapedLossStats, positive_weight
 
 __all__ = [
     "vocab_range",
-    "topk_largest",
     "ShardPlan",
     "plan_shard",
     "shard_statistics",
@@ -66,31 +65,6 @@ def vocab_range(partition_vocab_size: int, rank: int, world_size: int) -> tuple[
 def _rows_per_chunk(num_rows: int, row_len: int, device: torch.device) -> int:
     budget = _CHUNK_ELEMENTS_GPU if device.type == "cuda" else _CHUNK_ELEMENTS_CPU
     return max(1, min(num_rows, budget // max(1, row_len)))
-
-
-def topk_largest(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Values (descending) and indices of the k largest entries of each row of x [n, V].
-
-    Exact, and much faster than torch.topk on CPU for k << V: the rows are cut into blocks, the k
-    blocks with the largest maxima are kept (they contain every value above the k-th largest, and
-    at least k values >= it, so the k largest values are found among them), and torch.topk runs on
-    those k * block candidates only. Among tied values the indices chosen may differ from
-    torch.topk's; the values never do.
-    """
-    n, v = x.shape
-    block = 0
-    for b in (64, 32, 16, 8):
-        if v % b == 0 and k * b * 4 <= v:
-            block = b
-            break
-    if block == 0 or x.device.type == "cuda":
-        return torch.topk(x, k, dim=-1)
-    blocks = x.view(n, v // block, block)  # [n, V/block, block]
-    _, top_blocks = torch.topk(blocks.amax(-1), k, dim=-1)  # [n, k]
-    cand = blocks.gather(1, top_blocks.unsqueeze(-1).expand(n, k, block))  # [n, k, block]
-    values, cand_idx = torch.topk(cand.view(n, k * block), k, dim=-1)  # [n, k]
-    indices = top_blocks.gather(1, cand_idx // block) * block + cand_idx % block
-    return values, indices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,34 +146,40 @@ def shard_statistics(
     # Top-kk + 1 tells whether the kk-th value ties with a logit that was not gathered; only
     # such rows need the count of logits >= it (and, for rank-split rewards, the marks).
     look_beyond = plan.find_topk and kk < vp
+    if plan.find_topk:
+        # One top-k call over all rows: per-chunk calls on a few rows cost several times more.
+        if look_beyond:
+            values, idx = torch.topk(logits, kk + 1, dim=-1)  # [N, kk + 1], descending
+            ties_all = values[:, kk] == values[:, kk - 1]  # the kk-th value has an ungathered twin
+            values, idx = values[:, :kk], idx[:, :kk]
+        else:
+            values, idx = torch.sort(logits, dim=-1, descending=True)  # the whole slice
+        block[:, :kk] = values
+        if top_idx is not None:
+            top_idx.copy_(idx)
+        row_max = block[:, :1]
+        any_ties = look_beyond and bool(ties_all.any())  # rare with fp32 logits, common with bf16
+    else:
+        any_ties = False
+        row_max = logits.amax(dim=-1, keepdim=True).float()
+        block[:, :1] = row_max
     tie_rows: list[torch.Tensor] = []
     rows = _rows_per_chunk(n, vp, logits.device)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         z = logits[r0:r1].float()  # [c, Vp], a view when logits are fp32
-        if plan.find_topk:
-            if look_beyond:
-                values, idx = topk_largest(z, kk + 1)  # [c, kk + 1]
-                ties = (values[:, kk] == values[:, kk - 1]).nonzero().squeeze(1)  # [t]
-                values, idx = values[:, :kk], idx[:, :kk]
-            else:
-                values, idx = torch.sort(z, dim=-1, descending=True)  # the whole slice
-            block[r0:r1, :kk] = values
-            if top_idx is not None:
-                top_idx[r0:r1] = idx
-            m = values[:, :1]
-        else:
-            m = z.amax(dim=-1, keepdim=True)
-            block[r0:r1, :1] = m
-        if look_beyond and ties.numel() > 0:
+        m = row_max[r0:r1]
+        ties = ties_all[r0:r1].nonzero().squeeze(1) if any_ties else None  # [t]
+        if ties is not None and ties.numel() > 0:
             # [t, Vp] the slice's top-kk and every logit tied with its kk-th value
-            candidate = z.index_select(0, ties) >= values.index_select(0, ties)[:, kk - 1 :]
+            kth = block[r0:r1, kk - 1 : kk].index_select(0, ties)
+            candidate = z.index_select(0, ties) >= kth
             block[r0 + ties, kk + _CNT] = candidate.sum(-1, dtype=torch.float32)
         shifted = z - m  # [c, Vp]
         e = torch.exp(shifted, out=out[r0:r1])  # [c, Vp], over the fp32 logits themselves
         block[r0:r1, kk + _S] = e.sum(-1)
-        block[r0:r1, kk + _T] = torch.bmm(e.unsqueeze(1), shifted.unsqueeze(2)).view(-1)
-        if plan.mark_head and ties.numel() > 0:
+        block[r0:r1, kk + _T] = shifted.mul_(e).sum(-1)
+        if plan.mark_head and ties is not None and ties.numel() > 0:
             marked = e.index_select(0, ties)
             e.index_copy_(0, ties, torch.where(candidate, marked.neg(), marked))
             tie_rows.append(ties + r0)

@@ -40,6 +40,7 @@ class TinyGPT:
 
 
 def _config(spec: TinyGPT, tp: int, pp: int, ep: int):
+    from megatron.core.transformer.enums import AttnBackend
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     moe: dict[str, Any] = {}
@@ -74,6 +75,10 @@ def _config(spec: TinyGPT, tp: int, pp: int, ep: int):
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=0.05,
+        # The local spec's attention. Building a model exports NVTE_*_ATTN environment variables
+        # for its backend and asserts that earlier models of the process agree: the pool's ranks
+        # also run megatron_ext.training, which uses the local backend.
+        attention_backend=AttnBackend.local,
         use_cpu_initialization=True,
         params_dtype=torch.float32,
         tensor_model_parallel_size=tp,
@@ -190,3 +195,43 @@ def reshard_checkpoint(
         model.load_state_dict(loaded, strict=False)
         _save(model.sharded_state_dict(), dst_dir)
         return sum(p.numel() for p in model.parameters())
+
+
+def train_run(run_config: dict[str, Any]) -> int:
+    """megatron_ext.training.pretrain on this pool's ranks; returns the final step."""
+    from megatron_ext.training import config_from_dict, pretrain
+
+    return pretrain(config_from_dict(run_config)).final_step
+
+
+def trained_model_reference(checkpoint: str, input_ids: torch.Tensor) -> dict[str, Any] | None:
+    """Load a training checkpoint into a TP=1, PP=1 model of megatron_ext.models through
+    megatron-core's own resharding load (independent of the exporter's loader); return its state
+    dict and fp32 logits [b, s, padded_v]. Every rank does the same; rank 0 answers."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_ext.export.checkpoint import model_key_prefix
+    from megatron_ext.export.from_training import training_run_config
+    from megatron_ext.models import ModelConfig, build_model, to_transformer_config
+
+    model_config = ModelConfig(**training_run_config(checkpoint)["model"])
+    # The trainer may save a wrapped model (keys under "module."): request the same keys.
+    prefix = model_key_prefix(dist_checkpointing.load_tensors_metadata(checkpoint))
+    with _parallel():
+        model = build_model(model_config, to_transformer_config(model_config))
+        request = {"model": model.sharded_state_dict(prefix=prefix)}
+        loaded = dist_checkpointing.load(request, checkpoint)
+        model.load_state_dict({k[len(prefix) :]: v for k, v in loaded["model"].items()})
+        model.eval()
+        b, s = input_ids.shape
+        position_ids = torch.arange(s).unsqueeze(0).expand(b, s)
+        with torch.no_grad():
+            logits = model(input_ids, position_ids, None)  # [b, s, padded_v]
+        state = {
+            k: v.detach().clone()
+            for k, v in model.state_dict().items()
+            if isinstance(v, torch.Tensor)
+        }
+    if torch.distributed.get_rank() != 0:
+        return None
+    return {"state": state, "logits": logits.detach().clone()}

@@ -22,15 +22,23 @@ from megatron_ext.export import (
     IncompleteCheckpointError,
     UnsupportedArchitectureError,
     arch_from_megatron_config,
+    arch_from_training_checkpoint,
     convert_state_dict,
     export_checkpoint,
     export_state_dict,
     load_full_model_tensors,
     plan_keys,
 )
+from megatron_ext.export.from_training import resolve_training_checkpoint
 from megatron_ext.export.hf_files import parse_size
 from megatron_ext.export.key_map import split_qkv
-from tests._workers_export import TinyGPT, reference_model, reshard_checkpoint
+from tests._workers_export import (
+    TinyGPT,
+    reference_model,
+    reshard_checkpoint,
+    train_run,
+    trained_model_reference,
+)
 
 LOGIT_TOL = 1e-4
 
@@ -491,3 +499,57 @@ def _cli_main():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.main
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints written by megatron_ext.training (tiny runs at TP x PP x EP on 4 gloo ranks)
+
+
+@pytest.fixture(scope="module")
+def synthetic_data(tmp_path_factory) -> str:
+    pytest.importorskip("megatron_ext.training")
+    from megatron_ext.training.synthetic import write_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("synthetic")
+    return write_synthetic_dataset(root / "train", vocab_size=256, num_documents=40)
+
+
+@pytest.mark.parametrize(
+    ("model", "parallel"),
+    [
+        ({"preset": "tiny", "tie_embeddings": True}, {"tensor": 2, "pipeline": 2}),
+        ({"preset": "tiny_moe"}, {"tensor": 1, "pipeline": 2, "expert": 2}),
+    ],
+    ids=["dense-tied-tp2pp2", "moe-pp2ep2"],
+)
+def test_trained_checkpoint_export(pool4, synthetic_data, input_ids, tmp_path, model, parallel):
+    run_dir = tmp_path / "run"
+    run_config = {
+        "model": model,
+        "parallel": parallel,
+        "data": {"paths": [synthetic_data]},
+        "checkpoint": {"save_dir": str(run_dir)},
+        "optimizer": {"warmup_steps": 1, "lr": 1e-2},
+        "logging": {"tensorboard": False, "console": False},
+        "train_steps": 2,
+        "global_batch_size": 4,
+        "micro_batch_size": 1,
+    }
+    assert pool4.run(train_run, run_config) == [2] * 4
+    checkpoint = resolve_training_checkpoint(run_dir)
+    assert checkpoint.name == "iter_0000002"
+    arch = arch_from_training_checkpoint(checkpoint)
+    assert arch.is_moe == ("moe" in model["preset"])
+    assert arch.tie_word_embeddings == model.get("tie_embeddings", False)
+
+    # megatron-core's own resharding load into a TP=1 model of megatron_ext.models: the reference.
+    ref = pool4.run(trained_model_reference, str(checkpoint), input_ids)[0]
+    full = load_full_model_tensors(checkpoint, num_layers=arch.num_layers)
+    assert full.keys() == ref["state"].keys()
+    assert all(torch.equal(full[k], ref["state"][k]) for k in full)
+
+    out = tmp_path / "hf"
+    assert _cli_main()(["--checkpoint", str(run_dir), "--out", str(out), "--no-progress"]) == 0
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == 0  # the run's DataConfig.eod_id
+    assert _max_logit_diff(_load_hf(out), ref, input_ids, arch.vocab_size) < LOGIT_TOL

@@ -2,8 +2,10 @@
 
 Two layers: `export_state_dict` turns a full megatron GPTModel state dict plus an `ExportArch`
 into a model directory (config.json, generation_config.json, sharded safetensors with an index,
-tokenizer files); the checkpoint loader turns a megatron-core dist checkpoint saved under any
-TP/PP/EP layout into that full state dict. The key map lives in `megatron_ext.export.key_map`.
+tokenizer files); `load_full_model_tensors` turns a megatron-core dist checkpoint saved under any
+TP/PP/EP layout into that full state dict. `export_training_checkpoint` does both for the
+checkpoints of megatron_ext.training, reading the architecture from the run configuration they
+store. The key map lives in `megatron_ext.export.key_map`; the CLI is tools/export_hf.py.
 """
 
 from megatron_ext.export.arch import (
@@ -21,6 +23,10 @@ from megatron_ext.export.convert import (
     iter_hf_tensors,
     resolve_keys,
 )
+from megatron_ext.export.from_training import (
+    arch_from_training_checkpoint,
+    export_training_checkpoint,
+)
 from megatron_ext.export.key_map import KEY_MAP, plan_keys
 
 __all__ = [
@@ -34,6 +40,8 @@ __all__ = [
     "export_state_dict",
     "export_checkpoint",
     "load_full_model_tensors",
+    "export_training_checkpoint",
+    "arch_from_training_checkpoint",
     "iter_hf_tensors",
     "resolve_keys",
     "KEY_MAP",

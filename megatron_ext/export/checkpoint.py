@@ -41,6 +41,7 @@ __all__ = [
     "checkpoint_model_keys",
     "export_checkpoint",
     "load_full_model_tensors",
+    "model_key_prefix",
     "unshard_model_keys",
 ]
 
@@ -55,11 +56,44 @@ _PRE_NORMS = (  # sharded (TE-spec) name -> local-spec name, as in sharded_state
 )
 
 
-def checkpoint_model_keys(checkpoint_dir: str | os.PathLike[str], prefix: str = "") -> list[str]:
+_ANCHORS = ("embedding.word_embeddings.weight", "decoder.final_layernorm.weight")
+"""Tensors every GPT checkpoint holds; their keys reveal the prefix of the model's keys."""
+
+
+def model_key_prefix(keys: Iterable[str]) -> str:
+    """The prefix in front of a GPT model's sharded keys among a checkpoint's keys.
+
+    Usually "" or "module." (sharded_state_dict of a model wrapped in DDP / Float16Module).
+    Optimizer entries ("optimizer.state.exp_avg.<model key>") are not model keys.
+
+    Raises:
+        ValueError: no model found, or models under several prefixes.
+    """
+    prefixes = {
+        key[: -len(anchor)]
+        for key in keys
+        if not key.startswith("optimizer.")
+        for anchor in _ANCHORS
+        if key.endswith(anchor) and (key == anchor or key[: -len(anchor)].endswith("."))
+    }
+    if len(prefixes) != 1:
+        found = "none" if not prefixes else ", ".join(repr(p) for p in sorted(prefixes))
+        raise ValueError(
+            f"cannot tell which sharded keys are the model's: prefixes in front of {_ANCHORS}: "
+            f"{found}; pass prefix= explicitly"
+        )
+    return prefixes.pop()
+
+
+def checkpoint_model_keys(
+    checkpoint_dir: str | os.PathLike[str], prefix: str | None = None
+) -> list[str]:
     """Sharded keys of the model tensors in a dist checkpoint (read from its metadata only)."""
     from megatron.core import dist_checkpointing
 
     metadata = dist_checkpointing.load_tensors_metadata(str(checkpoint_dir))
+    if prefix is None:
+        prefix = model_key_prefix(metadata)
     return sorted(k for k in metadata if _is_model_key(k, prefix))
 
 
@@ -71,14 +105,15 @@ def load_full_model_tensors(
     checkpoint_dir: str | os.PathLike[str],
     *,
     num_layers: int,
-    prefix: str = "",
+    prefix: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """The full GPTModel state dict (TP=1/PP=1/EP=1 names) stored in a torch_dist checkpoint.
 
     Args:
         checkpoint_dir: the dist checkpoint directory (the one holding metadata.json).
         num_layers: decoder layers of the model (to check stacked layer tensors).
-        prefix: a prefix the saver put in front of the model's sharded keys, if any.
+        prefix: the prefix in front of the model's sharded keys; None finds it
+            (`model_key_prefix`).
 
     Returns:
         Local-spec GPTModel state-dict names -> full CPU tensors, for `export_state_dict`.
@@ -87,6 +122,8 @@ def load_full_model_tensors(
 
     path = str(Path(checkpoint_dir))
     metadata = dist_checkpointing.load_tensors_metadata(path)
+    if prefix is None:
+        prefix = model_key_prefix(metadata)
     wanted = {k: v for k, v in metadata.items() if _is_model_key(k, prefix)}
     if not wanted:
         raise FileNotFoundError(
@@ -96,7 +133,8 @@ def load_full_model_tensors(
     with _single_process_group():
         # Every rank reads whole tensors: no access-integrity check (as load_plain_tensors).
         loaded = dist_checkpointing.load(wanted, path, validate_access_integrity=False)
-    tensors = {k[len(prefix) :]: t for k, t in loaded.items()}
+    # load() also merges in the common (non-tensor) state: keep only the tensors asked for.
+    tensors = {k[len(prefix) :]: loaded[k] for k in wanted}
     return unshard_model_keys(tensors, num_layers=num_layers)
 
 
@@ -188,7 +226,7 @@ def export_checkpoint(
     arch: ExportArch,
     out_dir: str | os.PathLike[str],
     *,
-    prefix: str = "",
+    prefix: str | None = None,
     **export_kwargs: Any,
 ) -> Path:
     """Export a megatron-core dist checkpoint (any TP/PP/EP layout) as a Hugging Face directory.
@@ -197,7 +235,7 @@ def export_checkpoint(
         checkpoint_dir: the dist checkpoint directory (the one holding metadata.json).
         arch: the model's description.
         out_dir: the directory to create.
-        prefix: a prefix the saver put in front of the model's sharded keys, if any.
+        prefix: the prefix in front of the model's sharded keys; None finds it.
         **export_kwargs: passed to `export_state_dict` (tokenizer_dir, dtype, max_shard_size, ...).
     """
     state = load_full_model_tensors(checkpoint_dir, num_layers=arch.num_layers, prefix=prefix)

@@ -1,0 +1,127 @@
+"""Export the checkpoints that megatron_ext.training writes.
+
+A training run saves `<root>/iter_<step:07d>/` (a megatron-core dist checkpoint) and `<root>/latest`
+(megatron_ext.training.checkpoint). Its common state holds the run's configuration under
+`extra.config` (training.config.config_to_dict), whose `model` table is a models.ModelConfig. The
+exporter rebuilds the TransformerConfig the trainer built from it (models.to_transformer_config),
+so `arch_from_megatron_config` checks exactly what was trained, and reads the padded vocabulary
+from the stored embedding's shape (it depends on the TP size the run used).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from megatron_ext.export.arch import ExportArch, arch_from_megatron_config
+from megatron_ext.export.checkpoint import load_full_model_tensors, model_key_prefix
+from megatron_ext.export.convert import export_state_dict
+
+__all__ = [
+    "resolve_training_checkpoint",
+    "training_run_config",
+    "arch_from_training_checkpoint",
+    "export_training_checkpoint",
+]
+
+_EMBEDDING = "embedding.word_embeddings.weight"
+
+
+def resolve_training_checkpoint(path: str | os.PathLike[str], step: int | None = None) -> Path:
+    """The dist checkpoint folder for `path`: a run's checkpoint root (its `latest` step, or
+    `step`) or a checkpoint folder itself (holding metadata.json)."""
+    from megatron_ext.training.checkpoint import checkpoint_dir, latest_step
+
+    path = Path(path)
+    if (path / "metadata.json").is_file():
+        if step is not None:
+            raise ValueError(f"{str(path)!r} is one checkpoint; step={step} needs the run's root")
+        return path
+    if step is None:
+        step = latest_step(path)
+        if step is None:
+            raise FileNotFoundError(
+                f"{str(path)!r} is neither a dist checkpoint (no metadata.json) nor a training "
+                "checkpoint root (no 'latest' file)"
+            )
+    folder = checkpoint_dir(path, step)
+    if not (folder / "metadata.json").is_file():
+        raise FileNotFoundError(f"checkpoint folder {str(folder)!r} is missing or incomplete")
+    return folder
+
+
+def training_run_config(checkpoint: str | os.PathLike[str]) -> dict[str, Any]:
+    """The run configuration stored in a training checkpoint (config_to_dict's plain values)."""
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(str(checkpoint))
+    try:
+        return common["extra"]["config"]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"{str(checkpoint)!r} holds no run configuration (extra.config); it was not written "
+            "by megatron_ext.training, so pass the architecture explicitly (ExportArch / --arch)"
+        ) from None
+
+
+def _run_eod_id(checkpoint: Path) -> int | None:
+    try:
+        return training_run_config(checkpoint).get("data", {}).get("eod_id")
+    except ValueError:
+        return None
+
+
+def arch_from_training_checkpoint(checkpoint: str | os.PathLike[str]) -> ExportArch:
+    """The ExportArch of a training checkpoint folder (see the module docstring).
+
+    Raises:
+        UnsupportedArchitectureError: the trained model cannot be expressed as Qwen3 / Qwen3-MoE
+            (e.g. a shared expert).
+    """
+    from megatron.core import dist_checkpointing
+
+    from megatron_ext.models import ModelConfig, to_transformer_config
+
+    model = ModelConfig(**training_run_config(checkpoint)["model"])
+    metadata = dist_checkpointing.load_tensors_metadata(str(checkpoint))
+    embedding = model_key_prefix(metadata) + _EMBEDDING
+    if embedding not in metadata:
+        raise ValueError(f"{str(checkpoint)!r} holds no {embedding}")
+    padded_vocab_size = int(metadata[embedding].global_shape[0])
+    return arch_from_megatron_config(
+        to_transformer_config(model),
+        vocab_size=model.vocab_size,
+        padded_vocab_size=padded_vocab_size,
+        max_position_embeddings=model.seq_length,
+        rope_theta=model.rope_base,
+        tie_word_embeddings=model.tie_embeddings,
+    )
+
+
+def export_training_checkpoint(
+    path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    step: int | None = None,
+    arch: ExportArch | None = None,
+    **export_kwargs: Any,
+) -> Path:
+    """Export a megatron_ext.training checkpoint (any TP/PP/EP layout) as a Hugging Face directory.
+
+    Args:
+        path: the run's checkpoint root (CheckpointConfig.save_dir) or one iter_* folder.
+        out_dir: the directory to create.
+        step: which step under the root (default: the latest).
+        arch: override the architecture read from the checkpoint.
+        **export_kwargs: passed to `export_state_dict` (tokenizer_dir, dtype, max_shard_size,
+            token ids, overwrite, progress). Without a tokenizer or an explicit eos_token_id,
+            the run's end-of-document id (DataConfig.eod_id) becomes the eos token id.
+    """
+    checkpoint = resolve_training_checkpoint(path, step)
+    if arch is None:
+        arch = arch_from_training_checkpoint(checkpoint)
+    if export_kwargs.get("tokenizer_dir") is None and export_kwargs.get("eos_token_id") is None:
+        export_kwargs["eos_token_id"] = _run_eod_id(checkpoint)
+    state = load_full_model_tensors(checkpoint, num_layers=arch.num_layers)
+    return export_state_dict(state, arch, out_dir, **export_kwargs)

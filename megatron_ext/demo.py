@@ -52,7 +52,9 @@ def train_bigram(
     for _ in range(steps):
         pos = torch.randint(0, len(train) - 1, (batch,), generator=gen)
         logits = table[train[pos]].unsqueeze(1)  # [batch, 1, V]: s = batch, b = 1
-        loss = vocab_parallel_shaped_cross_entropy(logits, train[pos + 1].unsqueeze(1), config, None)
+        loss = vocab_parallel_shaped_cross_entropy(
+            logits, train[pos + 1].unsqueeze(1), config, None
+        )
         opt.zero_grad()
         loss.mean().backward()
         opt.step()
@@ -73,15 +75,24 @@ def train_bigram(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=80, help="optimizer steps per preset")
     parser.add_argument("--batch", type=int, default=4096, help="positions per step")
-    parser.add_argument("--top-k", type=int, default=20, help="k of the rank-aware presets (of 256)")
+    parser.add_argument(
+        "--top-k", type=int, default=20, help="k of the rank-aware presets (of 256)"
+    )
     args = parser.parse_args(argv)
     text = load_stdlib_bytes()
-    print(f"bigram model over bytes, {len(text):,} bytes of CPython stdlib source, "
-          f"{args.steps} steps x {args.batch} positions per preset; held-out statistics:")
-    header = f"{'preset':<18}{'loss':>8}{'CE':>8}{'ppl':>8}{'entropy':>9}{'p(x)':>8}{'top-k mass':>12}{'s':>6}"
+    print(
+        f"bigram model over bytes, {len(text):,} bytes of CPython stdlib source, "
+        f"{args.steps} steps x {args.batch} positions per preset; held-out statistics:"
+    )
+    header = (
+        f"{'preset':<18}{'loss':>8}{'CE':>8}{'ppl':>8}{'entropy':>9}{'p(x)':>8}"
+        f"{'top-k mass':>12}{'s':>6}"
+    )
     print(header)
     print("-" * len(header))
     for name in RewardShapingConfig.PRESET_NAMES:

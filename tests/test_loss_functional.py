@@ -1,4 +1,4 @@
-"""Plumbing of the vocab-parallel loss: the top-k search, vocab ranges, what is kept for backward."""
+"""Plumbing of the vocab-parallel loss: vocab ranges, the plan, what is kept for backward."""
 
 import pytest
 import torch

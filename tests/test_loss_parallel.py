@@ -109,7 +109,10 @@ def check(case: Case, per_rank: list) -> None:
     stats = per_rank[0][2]
     for name in ("entropy", "target_prob", "target_logprob", "topk_mass"):
         torch.testing.assert_close(
-            getattr(stats, name), getattr(want_stats, name), rtol=1e-5, atol=2e-6,
+            getattr(stats, name),
+            getattr(want_stats, name),
+            rtol=1e-5,
+            atol=2e-6,
             msg=lambda m: f"{case} {name}: {m}",
         )
     # Ignored positions: zero loss and zero gradient.

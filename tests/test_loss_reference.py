@@ -9,7 +9,6 @@ import torch
 from megatron_ext.loss import RewardShapingConfig, reference_shaped_cross_entropy
 from megatron_ext.loss.reference import positive_weight
 
-
 # ---------------------------------------------------------------------------------------------
 # Configuration
 
@@ -33,7 +32,10 @@ def test_presets_are_the_papers_settings():
         ({"beta": float("nan")}, r"beta must be finite, got nan"),
         ({"lambda_tail": float("inf")}, r"lambda_tail must be finite, got inf"),
         ({"lambda_head": "0.1"}, r"lambda_head must be a float, got '0.1'"),
-        ({"lambda_tail": -0.1, "top_k": 0}, r"top_k=0 must be >= 1 when lambda_head or lambda_tail"),
+        (
+            {"lambda_tail": -0.1, "top_k": 0},
+            r"top_k=0 must be >= 1 when lambda_head or lambda_tail",
+        ),
         ({"top_k": 2.5}, r"top_k must be an int, got 2.5"),
     ],
 )
@@ -89,7 +91,9 @@ CONFIGS = [  # the paper's presets with k scaled down to the small test vocabula
 ]
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"b{c.beta}_h{c.lambda_head}_t{c.lambda_tail}")
+@pytest.mark.parametrize(
+    "cfg", CONFIGS, ids=lambda c: f"b{c.beta}_h{c.lambda_head}_t{c.lambda_tail}"
+)
 def test_reference_matches_closed_form_loss_and_gradient(cfg):
     gen = torch.Generator().manual_seed(3)
     n, v = 6, 40
@@ -107,7 +111,9 @@ def test_reference_matches_closed_form_loss_and_gradient(cfg):
     torch.testing.assert_close(zz.grad, want_grad, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("cfg", CONFIGS[1:], ids=lambda c: f"b{c.beta}_h{c.lambda_head}_t{c.lambda_tail}")
+@pytest.mark.parametrize(
+    "cfg", CONFIGS[1:], ids=lambda c: f"b{c.beta}_h{c.lambda_head}_t{c.lambda_tail}"
+)
 def test_reference_gradient_matches_finite_differences(cfg):
     """Central differences of the loss with its weights frozen at z (they are stop-gradient)."""
     gen = torch.Generator().manual_seed(11)

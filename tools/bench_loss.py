@@ -3,7 +3,8 @@
 
 Forward + backward time and peak memory of every preset on the same inputs, in one run, printed
 as ratios to megatron-core's cross-entropy. On CPU the peak is the process's peak resident memory
-(VmHWM, reset before the loss), measured in a fresh subprocess per method; on CUDA it is torch.cuda.max_memory_allocated.
+(VmHWM, reset before the loss), measured in a fresh subprocess per method; on CUDA it is
+torch.cuda.max_memory_allocated.
 
     python tools/bench_loss.py                      # T=4096, V=32768, fp32, on CUDA if present
     python tools/bench_loss.py --tokens 8192 --vocab 151936 --dtype bf16 --device cuda
@@ -122,7 +123,9 @@ def _reset_peak_rss() -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--tokens", type=int, default=4096, help="positions T (s * b)")
     parser.add_argument("--vocab", type=int, default=32768, help="vocabulary size V")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")

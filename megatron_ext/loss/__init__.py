@@ -1,4 +1,4 @@
-"""The reward-shaped next-token objective: configuration, single-device reference, vocab-parallel loss."""
+"""The reward-shaped next-token objective: config, single-device reference, vocab-parallel loss."""
 
 from megatron_ext.loss.config import PRESETS, RewardShapingConfig
 from megatron_ext.loss.reference import ShapedLossStats, reference_shaped_cross_entropy

@@ -17,7 +17,7 @@ class RewardShapingConfig:
     """
 
     beta: float = 0.0
-    """Exponent of the positive reward scaling; < 0 sharpens (precision), > 0 flattens (diversity)."""
+    """Positive-reward exponent: < 0 sharpens (precision), > 0 flattens (diversity)."""
     lambda_head: float = 0.0
     """Reward of negative tokens inside the top-k set of the predicted distribution."""
     lambda_tail: float = 0.0
@@ -42,8 +42,8 @@ class RewardShapingConfig:
                 raise ValueError(f"RewardShapingConfig.{name} must be finite, got {value!r}")
         if not self.beta > -1.0:
             raise ValueError(
-                f"RewardShapingConfig.beta={self.beta!r} is out of range: beta must be > -1 so that "
-                "the positive weight p**(1 - (1 - p)**beta) stays finite as p -> 1 "
+                f"RewardShapingConfig.beta={self.beta!r} is out of range: beta must be > -1 so "
+                "that the positive weight p**(1 - (1 - p)**beta) stays finite as p -> 1 "
                 "(the paper's precision setting is beta=-0.25)"
             )
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
@@ -71,7 +71,7 @@ class RewardShapingConfig:
 
     @classmethod
     def preset(cls, name: str) -> RewardShapingConfig:
-        """One of the paper's settings: ce, precision, diversity, tail_suppression, head_preservation."""
+        """A paper setting: ce, precision, diversity, tail_suppression or head_preservation."""
         try:
             return PRESETS[name]
         except KeyError:

@@ -2,13 +2,13 @@
 
 The vocab-parallel loss (vocab_parallel.py) is three steps around ONE all-gather:
 
-1. `shard_statistics` reads this rank's logit slice [N, Vp] once, chunk by chunk, and returns a small
-   block [N, kk + 6] per position: the slice's top-kk logits (their first is the slice's maximum
-   m_r), S_r = sum exp(z - m_r), T_r = sum exp(z - m_r) (z - m_r), the target's logit (0 if not
-   owned), an ownership flag, the number of logits >= the slice's kk-th value, and Vp. It writes
-   exp(z - m_r) over a fp32 buffer (the logits themselves when they are fp32, as megatron-core's
-   cross-entropy does) for the backward, with the sign bit set on the candidates of the top-k set
-   (logits >= the slice's kk-th value) when head and tail rewards differ.
+1. `shard_statistics` finds the slice's top-(kk + 1) logits in one call, then reads the slice once
+   more, chunk by chunk, and returns a small block [N, kk + 6] per position: the slice's top-kk
+   logits (their first is the slice's maximum m_r), S_r = sum exp(z - m_r),
+   T_r = sum exp(z - m_r) (z - m_r), the target's logit (0 if not owned), an ownership flag, the
+   number of logits >= the slice's kk-th value, and Vp. It writes exp(z - m_r) over a fp32 buffer
+   (the logits themselves when they are fp32, as megatron-core's cross-entropy does) for the
+   backward.
 2. `merge_statistics` turns the gathered blocks [tp, N, kk + 6] into every per-position quantity:
    global max and log-sum-exp, tau (the global k-th logit), head and tail sums (exactly, ties
    included), the weights, the loss and the diagnostics. Every rank computes the same numbers.
@@ -17,9 +17,11 @@ The vocab-parallel loss (vocab_parallel.py) is three steps around ONE all-gather
    else lambda_tail.
 
 Why the sign bit: a slice whose kk-th value equals tau may hold more logits equal to tau than it
-could gather (ties, common with bf16 logits). Those are all in the top-k set (tau is a threshold), and
-they are exactly the marked logits; in every other slice the set members are among the gathered
-top-kk indices. So the backward needs neither the logits nor a mask.
+could gather (ties, common with bf16 logits). Those are all in the top-k set (tau is a threshold).
+The top-(kk + 1) search shows which rows have such twins; in those rows alone, when head and tail
+rewards differ, the forward sets the sign bit of exp(z - m_r) on every logit >= the kk-th value.
+In every other row the set members are among the gathered top-kk indices. So the backward needs
+neither the logits nor a mask.
 """
 
 from __future__ import annotations
@@ -263,7 +265,9 @@ def merge_statistics(
 
     w_pos = positive_weight(target_logprob, config.beta)
     weight_sum = w_pos + config.lambda_head * p_head_neg + config.lambda_tail * p_tail_neg
-    loss = -(w_pos * target_logprob + config.lambda_head * plogp_head + config.lambda_tail * plogp_tail)
+    loss = -(
+        w_pos * target_logprob + config.lambda_head * plogp_head + config.lambda_tail * plogp_tail
+    )
 
     zero = torch.zeros_like(loss)
     vp_col = col[..., _VP]
@@ -325,8 +329,10 @@ def shard_gradient_(
         marks_are_members.index_fill_(0, marked_rows[members], True)
         a = coef_tail.index_select(0, marked_rows)  # [R, 1]
         b = torch.where(
-            members, row_scale.index_select(0, marked_rows) * (weight_sum - config.lambda_head)
-            .index_select(0, marked_rows), a.squeeze(1)
+            members,
+            row_scale.index_select(0, marked_rows)
+            * (weight_sum - config.lambda_head).index_select(0, marked_rows),
+            a.squeeze(1),
         ).unsqueeze(1)
         e = buf.index_select(0, marked_rows)  # [R, Vp]
         # a * e where e >= 0 (unmarked), b * |e| where e < 0 (marked): a e - (a + b) min(e, 0)
@@ -351,5 +357,7 @@ def shard_gradient_(
     local_t = torch.where(owns_target, target - vocab_start, torch.zeros_like(target))
     target_grad = g * (weight_sum * torch.exp(target_logprob) - w_pos)  # [N]
     current = buf.gather(1, local_t.unsqueeze(1)).squeeze(1)
-    buf.scatter_(1, local_t.unsqueeze(1), torch.where(owns_target, target_grad, current).unsqueeze(1))
+    buf.scatter_(
+        1, local_t.unsqueeze(1), torch.where(owns_target, target_grad, current).unsqueeze(1)
+    )
     return buf

@@ -1,8 +1,8 @@
 """Single-device reference of the reward-shaped loss: plain torch, written for reading.
 
-Every other implementation is tested against this one. It follows ../shared/paper/objective.md
-sections 2-4 literally: full log-softmax, the top-k set by threshold (ties at the k-th logit are in),
-stop-gradient weights, and autograd for the gradient.
+Every other implementation is tested against this one. It follows the objective's definition
+(arXiv 2512.22955) literally: full log-softmax, the top-k set by threshold (ties at the k-th logit
+are in), stop-gradient weights, and autograd for the gradient.
 """
 
 from __future__ import annotations

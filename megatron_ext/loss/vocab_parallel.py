@@ -30,7 +30,9 @@ def _all_gather_rows(block: torch.Tensor, tp_group: dist.ProcessGroup | None) ->
     if tp_group is None or dist.get_world_size(tp_group) == 1:
         return block.unsqueeze(0)
     world = dist.get_world_size(tp_group)
-    out = torch.empty((world * block.shape[0], *block.shape[1:]), dtype=block.dtype, device=block.device)
+    out = torch.empty(
+        (world * block.shape[0], *block.shape[1:]), dtype=block.dtype, device=block.device
+    )
     _all_gather_single(out, block.contiguous(), group=tp_group)
     return out.view(world, *block.shape)
 
@@ -107,10 +109,14 @@ class _VocabParallelShapedCrossEntropy(torch.autograd.Function):
         valid = target_1d != ignore_index
         # exp(z - m_r) goes over the fp32 logits in place, as megatron-core's cross-entropy does;
         # other dtypes get one fp32 buffer (megatron-core's .float() copy).
-        buf = logits_2d if logits_2d.dtype == torch.float32 else torch.empty_like(
-            logits_2d, dtype=torch.float32
+        buf = (
+            logits_2d
+            if logits_2d.dtype == torch.float32
+            else torch.empty_like(logits_2d, dtype=torch.float32)
         )
-        block, top_idx, marked_rows = shard_statistics(logits_2d, target_1d, valid, vocab_start, plan, buf)
+        block, top_idx, marked_rows = shard_statistics(
+            logits_2d, target_1d, valid, vocab_start, plan, buf
+        )
         local_values = block[:, : plan.kk].clone() if plan.save_topk_indices else None
         local_max = block[:, 0].clone()
         owns = block[:, plan.kk + STAT_COLUMNS.index("owns_target")] > 0

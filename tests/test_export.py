@@ -424,6 +424,18 @@ def test_export_matches_megatron_logits(references, input_ids, tmp_path, spec):
     if spec.num_experts:
         assert model.config.norm_topk_prob is (not spec.moe_router_pre_softmax)
     assert _max_logit_diff(model, ref, input_ids, spec.vocab_size) < LOGIT_TOL
+    # transformers writes back exactly the tensor names we wrote (for MoE: one tensor per expert
+    # and projection, though it holds them fused in memory).
+    model.save_pretrained(tmp_path / "resaved")
+    assert _safetensors_keys(tmp_path / "resaved") == _safetensors_keys(out)
+
+
+def _safetensors_keys(directory: Path) -> set[str]:
+    keys: set[str] = set()
+    for file in directory.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            keys |= set(f.keys())
+    return keys
 
 
 def test_export_with_tokenizer_and_generation(references, input_ids, tokenizer_dir, tmp_path):
@@ -468,6 +480,12 @@ def test_checkpoint_from_parallel_layout(pool4, references, input_ids, tmp_path,
     assert all(torch.equal(full[k], ref["state"][k]) for k in full)
     out = export_checkpoint(resharded, ref["arch"], tmp_path / "hf", progress=False)
     assert _max_logit_diff(_load_hf(out), ref, input_ids, spec.vocab_size) < LOGIT_TOL
+
+    victim = sorted(resharded.glob("__*.distcp"))[-1]
+    victim.unlink()  # a rank's file lost: the error names the file and the tensors in it
+    with pytest.raises(IncompleteCheckpointError, match=victim.name):
+        export_checkpoint(resharded, ref["arch"], tmp_path / "hf2", progress=False)
+    assert not (tmp_path / "hf2").exists()
 
 
 def test_cli(references, input_ids, tokenizer_dir, tmp_path):

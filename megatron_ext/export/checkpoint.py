@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from megatron_ext.export.arch import ExportArch
-from megatron_ext.export.convert import export_state_dict
+from megatron_ext.export.convert import IncompleteCheckpointError, export_state_dict
 
 __all__ = [
     "MODEL_KEY_PREFIXES",
@@ -130,12 +130,42 @@ def load_full_model_tensors(
             f"no model tensors in the dist checkpoint {path!r} (looked for sharded keys starting "
             f"with {prefix!r} + one of {MODEL_KEY_PREFIXES}; found {len(metadata)} other keys)"
         )
+    _check_storage_files(Path(path), set(wanted))
     with _single_process_group():
         # Every rank reads whole tensors: no access-integrity check (as load_plain_tensors).
         loaded = dist_checkpointing.load(wanted, path, validate_access_integrity=False)
     # load() also merges in the common (non-tensor) state: keep only the tensors asked for.
     tensors = {k[len(prefix) :]: loaded[k] for k in wanted}
     return unshard_model_keys(tensors, num_layers=num_layers)
+
+
+def _check_storage_files(path: Path, keys: set[str]) -> None:
+    """Every file that holds a piece of `keys` must be there, and long enough.
+
+    Raises:
+        IncompleteCheckpointError: naming the tensors with missing pieces and the files.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+
+    storage = FileSystemReader(str(path)).read_metadata().storage_data
+    missing: dict[str, set[str]] = {}
+    sizes: dict[str, int] = {}
+    for index, info in storage.items():
+        if index.fqn not in keys:
+            continue
+        name = info.relative_path
+        if name not in sizes:
+            file = path / name
+            sizes[name] = file.stat().st_size if file.is_file() else -1
+        if sizes[name] < info.offset + info.length:
+            missing.setdefault(index.fqn, set()).add(name)
+    if missing:
+        files = sorted({name for names in missing.values() for name in names})
+        raise IncompleteCheckpointError(
+            [f"{key} (in {', '.join(sorted(names))})" for key, names in sorted(missing.items())],
+            [],
+            where=f"{str(path)!r}: missing or truncated files {files}",
+        )
 
 
 @contextlib.contextmanager

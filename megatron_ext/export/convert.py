@@ -41,10 +41,12 @@ _SHOWN_KEYS = 20
 class IncompleteCheckpointError(KeyError):
     """The megatron state dict lacks tensors that the architecture needs."""
 
-    def __init__(self, missing: list[str], unexpected: list[str]) -> None:
+    def __init__(self, missing: list[str], unexpected: list[str], where: str = "") -> None:
         self.missing = missing
         self.unexpected = unexpected
         message = f"checkpoint is incomplete: {_listing(missing)} missing"
+        if where:
+            message += f" ({where})"
         if unexpected:
             message += (
                 f"; it also holds {_listing(unexpected)} that the architecture description does "

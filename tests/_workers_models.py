@@ -34,8 +34,12 @@ def model_loss_vs_standalone(model_name: str, shaping_name: str, tp: int) -> dic
     from megatron.core import parallel_state
 
     from megatron_ext.loss import RewardShapingConfig, vocab_parallel_shaped_cross_entropy
-    from megatron_ext.models import ShapedLossGPTModel, build_model, model_preset
-    from megatron_ext.models import to_transformer_config
+    from megatron_ext.models import (
+        ShapedLossGPTModel,
+        build_model,
+        model_preset,
+        to_transformer_config,
+    )
 
     model_cfg = model_preset(model_name)
     shaping = RewardShapingConfig.preset(shaping_name)
@@ -94,6 +98,8 @@ def norm_marks(model_name: str, tp: int) -> dict:
             "sequence_parallel": tconfig.sequence_parallel,
             "norm_types": sorted(set(norms.values())),
             "num_norms": len(norms),
-            "all_rmsnorm": all(isinstance(m, RMSNorm) for n, m in model.named_modules() if n in norms),
+            "all_rmsnorm": all(
+                isinstance(m, RMSNorm) for n, m in model.named_modules() if n in norms
+            ),
             "marked": marked,
         }

@@ -55,7 +55,10 @@ def _count_built_parameters(name: str) -> dict:
     cfg = model_preset(name)
     with w._parallel():
         model = build_model(cfg, to_transformer_config(cfg))
-        return {"built": sum(p.numel() for p in model.parameters()), "analytic": cfg.num_parameters()}
+        return {
+            "built": sum(p.numel() for p in model.parameters()),
+            "analytic": cfg.num_parameters(),
+        }
 
 
 def test_every_preset_is_qwen3_shaped():
@@ -69,7 +72,9 @@ def test_every_preset_is_qwen3_shaped():
 
 def test_model_config_validation_names_the_values():
     base = dataclasses.asdict(model_preset("tiny"))
-    with pytest.raises(ValueError, match="num_query_groups=3 does not divide num_attention_heads=4"):
+    with pytest.raises(
+        ValueError, match="num_query_groups=3 does not divide num_attention_heads=4"
+    ):
         ModelConfig(**{**base, "num_query_groups": 3})
     with pytest.raises(ValueError, match="moe_router_topk=5 exceeds num_experts=4"):
         ModelConfig(**{**base, "num_experts": 4, "moe_router_topk": 5, "moe_ffn_hidden_size": 8})
@@ -101,7 +106,9 @@ def test_transformer_config_is_qwen3():
 
 @pytest.mark.skipif(have_transformer_engine(), reason="Transformer Engine is installed here")
 def test_transformer_engine_spec_without_te_is_a_clear_error():
-    with pytest.raises(TransformerEngineUnavailableError, match="Transformer Engine is not installed"):
+    with pytest.raises(
+        TransformerEngineUnavailableError, match="Transformer Engine is not installed"
+    ):
         layer_spec(model_preset("tiny"), use_transformer_engine=True)
 
 

@@ -52,11 +52,10 @@ import logging
 import threading
 from typing import Any
 
-import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["install_cpu_compat", "cpu_compat_active"]
+__all__ = ["cpu_compat_active", "install_cpu_compat"]
 
 _LOCK = threading.Lock()
 _MODE: _CudaToCpuMode | None = None

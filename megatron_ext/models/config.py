@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-__all__ = ["ModelConfig", "MODEL_PRESETS", "model_preset", "QWEN3_VOCAB_SIZE"]
+__all__ = ["MODEL_PRESETS", "QWEN3_VOCAB_SIZE", "ModelConfig", "model_preset"]
 
 QWEN3_VOCAB_SIZE = 151_936
 """Size of the Qwen3 tokenizer's vocabulary (embedding rows of every Qwen3 model)."""

@@ -21,11 +21,15 @@ from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
-from megatron_ext.loss import RewardShapingConfig, ShapedLossStats, vocab_parallel_shaped_cross_entropy
+from megatron_ext.loss import (
+    RewardShapingConfig,
+    ShapedLossStats,
+    vocab_parallel_shaped_cross_entropy,
+)
 from megatron_ext.models.config import ModelConfig
 from megatron_ext.models.spec import decoder_block_spec
 
-__all__ = ["ShapedLossGPTModel", "to_transformer_config", "build_model", "IGNORE_INDEX"]
+__all__ = ["IGNORE_INDEX", "ShapedLossGPTModel", "build_model", "to_transformer_config"]
 
 IGNORE_INDEX = -100
 """Label of positions that carry no loss (the trainer writes it where loss_mask is 0)."""
@@ -60,20 +64,24 @@ def to_transformer_config(
         sequence_parallel = tensor_parallel > 1
     moe: dict[str, Any] = {}
     if model.is_moe:
-        moe = dict(
-            num_moe_experts=model.num_experts,
-            moe_router_topk=model.moe_router_topk,
-            moe_ffn_hidden_size=model.moe_ffn_hidden_size,
-            moe_shared_expert_intermediate_size=model.moe_shared_expert_ffn_hidden_size or None,
-            moe_router_load_balancing_type="aux_loss",
-            moe_aux_loss_coeff=model.moe_aux_loss_coeff,
-            moe_token_dispatcher_type="alltoall",
-            moe_grouped_gemm=use_transformer_engine,
-            moe_router_dtype="fp32",
-        )
+        moe = {
+            "num_moe_experts": model.num_experts,
+            "moe_router_topk": model.moe_router_topk,
+            "moe_ffn_hidden_size": model.moe_ffn_hidden_size,
+            "moe_shared_expert_intermediate_size": model.moe_shared_expert_ffn_hidden_size or None,
+            "moe_router_load_balancing_type": "aux_loss",
+            "moe_aux_loss_coeff": model.moe_aux_loss_coeff,
+            "moe_token_dispatcher_type": "alltoall",
+            "moe_grouped_gemm": use_transformer_engine,
+            "moe_router_dtype": "fp32",
+        }
     recompute: dict[str, Any] = {}
     if recompute_activations:
-        recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        recompute = {
+            "recompute_granularity": "full",
+            "recompute_method": "uniform",
+            "recompute_num_layers": 1,
+        }
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,

@@ -26,9 +26,9 @@ from megatron_ext.models.norm import RMSNorm
 
 __all__ = [
     "TransformerEngineUnavailableError",
+    "decoder_block_spec",
     "have_transformer_engine",
     "layer_spec",
-    "decoder_block_spec",
 ]
 
 

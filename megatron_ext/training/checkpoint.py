@@ -1,0 +1,296 @@
+"""Save and resume through megatron-core dist_checkpointing.
+
+A checkpoint holds the model and optimizer as sharded tensors (so it can be loaded at another
+TP/PP/EP/DP layout), the learning-rate scheduler, the step and the data position (consumed
+samples) as common state, and the RNG states of every rank as a sharded object. Layout on disk:
+`<dir>/iter_0000042/` plus a `<dir>/latest` text file holding the last complete step.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.optimizer import MegatronOptimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.utils import unwrap_model
+
+__all__ = ["TrainState", "checkpoint_dir", "latest_step", "load_checkpoint", "save_checkpoint"]
+
+_LATEST = "latest"
+
+
+class TrainState(dict):
+    """Progress of a run: {'step': int, 'consumed_samples': int, 'layout': (pp, tp, dp)}."""
+
+
+def checkpoint_dir(root: str | os.PathLike, step: int) -> Path:
+    """The folder of the checkpoint of `step` under `root`."""
+    return Path(root) / f"iter_{step:07d}"
+
+
+def latest_step(root: str | os.PathLike) -> int | None:
+    """The step recorded in `<root>/latest`, or None when there is no checkpoint."""
+    path = Path(root) / _LATEST
+    if not path.exists():
+        return None
+    return int(path.read_text().strip())
+
+
+def _layout() -> tuple[int, int, int]:
+    return (
+        parallel_state.get_pipeline_model_parallel_world_size(),
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_data_parallel_world_size(),
+    )
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_sharded_object(state: Any) -> ShardedObject:
+    """Every rank's RNG state, addressed by its (pp, tp, dp) coordinates."""
+    pp, tp, dp = _layout()
+    offset = (
+        parallel_state.get_pipeline_model_parallel_rank(),
+        parallel_state.get_tensor_model_parallel_rank(),
+        parallel_state.get_data_parallel_rank(),
+    )
+    return ShardedObject("rng_state", state, (pp, tp, dp), offset, replica_id=0)
+
+
+def _metadata(distributed_optimizer: bool) -> dict[str, Any]:
+    metadata: dict[str, Any] = {
+        "singleton_local_shards": False,
+        "chained_optim_avoid_prefix": True,
+        "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True),
+    }
+    if distributed_optimizer:
+        # megatron-training's default. The formats that reshard across TP/PP ('fully_reshardable',
+        # 'fully_sharded_model_space') do not load with torch's AdamW in megatron-core 0.19 (the
+        # per-parameter 'step' tensor of the torch optimizer has no counterpart in the checkpoint:
+        # KeyError 'step' in _set_main_param_and_optimizer_states); this one stores it.
+        metadata["distrib_optim_sharding_type"] = "dp_reshardable"
+    return metadata
+
+
+def _sharded_state_dict(
+    model: torch.nn.Module,
+    optimizer: MegatronOptimizer | None,
+    distributed_optimizer: bool,
+    is_loading: bool,
+    rng: Any = None,
+) -> dict[str, Any]:
+    metadata = _metadata(distributed_optimizer)
+    # The bare model (not DDP / Float16Module): sharded keys as megatron's own checkpoints have.
+    state: dict[str, Any] = {"model": unwrap_model(model).sharded_state_dict(metadata=metadata)}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(
+            state["model"], is_loading=is_loading, metadata=metadata
+        )
+    if rng is not None:
+        state["rng"] = _rng_sharded_object(rng)
+    return state
+
+
+def _distributed_torch_adams(optimizer: MegatronOptimizer) -> list[torch.optim.Optimizer]:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [
+        sub.optimizer
+        for sub in subs
+        if isinstance(sub, DistributedOptimizer)
+        and isinstance(sub.optimizer, (torch.optim.Adam, torch.optim.AdamW))
+    ]
+
+
+# Without Apex or Transformer Engine, megatron-core 0.19's DistributedOptimizer keeps torch Adam's
+# step in two places: per parameter in the torch state (a tensor) and per param group in its own
+# state dict. Two workarounds keep resuming exact:
+# - state_dict() asserts that the per-parameter steps hold exactly one value, so building the
+#   sharded state dict to load into a never-stepped optimizer fails: give it zero state first
+#   (what torch's Adam creates on its first step; the checkpoint overwrites all of it);
+# - the dp_reshardable loader copies the per-parameter 'step' from the pre-load state (it is not
+#   among the tensors read from the checkpoint), while the checkpoint's step arrives in the param
+#   groups: copy it back to every parameter after loading.
+
+
+def _materialize_distributed_adam_state(optimizer: MegatronOptimizer) -> None:
+    for inner in _distributed_torch_adams(optimizer):
+        for group in inner.param_groups:
+            for param in group["params"]:
+                state = inner.state[param]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(
+                        param, memory_format=torch.preserve_format
+                    )
+
+
+def _restore_distributed_adam_steps(optimizer: MegatronOptimizer) -> None:
+    for inner in _distributed_torch_adams(optimizer):
+        for group in inner.param_groups:
+            if "step" not in group:
+                continue
+            for param in group["params"]:
+                state = inner.state[param]
+                if "step" in state:
+                    state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
+
+
+def _in_process_writer_queue() -> None:
+    """dist_checkpointing's torch_dist writer returns the results of its writer threads through a
+    `multiprocessing.Manager().Queue()`, made for asynchronous saves run in another process. Our
+    saves are synchronous (the writes run in this process), so a plain thread-safe queue does the
+    same job without starting a manager server process, which costs a process start, re-imports
+    the main module under the spawn start method, and is forbidden in daemonic processes (the
+    test pools run ranks as daemons)."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
+def save_checkpoint(
+    root: str | os.PathLike,
+    *,
+    step: int,
+    consumed_samples: int,
+    model: torch.nn.Module,
+    optimizer: MegatronOptimizer,
+    scheduler: OptimizerParamScheduler,
+    distributed_optimizer: bool,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Save everything a resumed run needs; every rank calls it. Returns the checkpoint folder."""
+    path = checkpoint_dir(root, step)
+    if dist.get_rank() == 0:
+        path.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    state = _sharded_state_dict(model, optimizer, distributed_optimizer, False, _rng_state())
+    state["scheduler"] = scheduler.state_dict()
+    state["train_state"] = {
+        "step": step,
+        "consumed_samples": consumed_samples,
+        "layout": _layout(),
+        "distributed_optimizer": distributed_optimizer,
+    }
+    if extra:
+        state["extra"] = extra
+    _in_process_writer_queue()
+    dist_checkpointing.save(state, str(path))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        tmp = Path(root) / f".{_LATEST}.tmp"
+        tmp.write_text(f"{step}\n")
+        tmp.replace(Path(root) / _LATEST)
+    dist.barrier()
+    return path
+
+
+def _check_optimizer_compatible(saved: dict, distributed_optimizer: bool, path: Path) -> None:
+    """Optimizer state loads only into the same kind of optimizer, and a distributed optimizer's
+    only at the same TP and PP sizes; say so instead of failing deep inside megatron."""
+    saved_dist = bool(saved.get("distributed_optimizer", False))
+    if saved_dist != distributed_optimizer:
+        raise ValueError(
+            f"checkpoint {path} holds {'distributed' if saved_dist else 'non-distributed'} "
+            f"optimizer state, but this run uses parallel.distributed_optimizer="
+            f"{distributed_optimizer}; use the same setting, or load the weights only "
+            "(checkpoint.load_optimizer=False)"
+        )
+    saved_pp, saved_tp, _ = saved["layout"]
+    pp, tp, _ = _layout()
+    if distributed_optimizer and (saved_pp, saved_tp) != (pp, tp):
+        raise ValueError(
+            f"checkpoint {path} was saved with pipeline={saved_pp}, tensor={saved_tp} and a "
+            f"distributed optimizer, whose state resumes only at the same sizes (this run: "
+            f"pipeline={pp}, tensor={tp}; the data-parallel size may change); load the weights "
+            "only (checkpoint.load_optimizer=False) to change them"
+        )
+
+
+def load_checkpoint(
+    root: str | os.PathLike,
+    *,
+    model: torch.nn.Module,
+    optimizer: MegatronOptimizer,
+    scheduler: OptimizerParamScheduler,
+    distributed_optimizer: bool,
+    load_optimizer: bool = True,
+    step: int | None = None,
+) -> TrainState:
+    """Load the checkpoint of `step` (default: the latest) into the model, and, with
+    `load_optimizer`, into the optimizer, scheduler and RNGs. Returns the saved progress.
+
+    The model and optimizer may be loaded at another parallel layout than they were saved with
+    (megatron reshards); RNG states are restored only when the layout is the same.
+    """
+    if step is None:
+        step = latest_step(root)
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint under {root} (no '{_LATEST}' file)")
+    path = checkpoint_dir(root, step)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {path} does not exist")
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    saved = common["train_state"]
+    same_layout = tuple(saved["layout"]) == _layout()
+    if load_optimizer:
+        _check_optimizer_compatible(saved, distributed_optimizer, path)
+    want_rng = load_optimizer and same_layout
+    if load_optimizer and distributed_optimizer:
+        _materialize_distributed_adam_state(optimizer)
+    request = _sharded_state_dict(
+        model,
+        optimizer if load_optimizer else None,
+        distributed_optimizer,
+        True,
+        _rng_state() if want_rng else None,
+    )
+    loaded = dist_checkpointing.load(request, str(path))
+    unwrap_model(model).load_state_dict(loaded["model"])
+    if load_optimizer:
+        # no_grad: with fp32 parameters the distributed optimizer's main params are views of the
+        # model's leaf parameters, which megatron's dp_reshardable loader copies into in place.
+        with torch.no_grad():
+            optimizer.load_state_dict(loaded["optimizer"])
+        if distributed_optimizer:
+            _restore_distributed_adam_steps(optimizer)
+        scheduler.load_state_dict(loaded["scheduler"])
+        if want_rng:
+            _set_rng_state(loaded["rng"])
+    else:
+        # Mixed-precision optimizers keep fp32 main weights: copy the loaded weights into them.
+        optimizer.reload_model_params()
+    return TrainState(
+        step=int(saved["step"]),
+        consumed_samples=int(saved["consumed_samples"]),
+        layout=tuple(saved["layout"]),
+    )

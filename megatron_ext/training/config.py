@@ -1,0 +1,444 @@
+"""Typed configuration of a pre-training run, validated up front.
+
+`TrainConfig.validate(world_size)` checks every divisibility rule megatron-core relies on (heads,
+kv groups, layers, experts, FFN sizes, sequence length, batch sizes against the parallel layout)
+before any process group, model or dataset is created, and names the offending values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from pathlib import Path
+from typing import Any
+
+from megatron_ext.loss import RewardShapingConfig
+from megatron_ext.models import ModelConfig, model_preset
+
+__all__ = [
+    "CheckpointConfig",
+    "ConfigError",
+    "DataConfig",
+    "LoggingConfig",
+    "OptimizerConfig",
+    "ParallelConfig",
+    "TrainConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+]
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot work (raised before any distributed work starts)."""
+
+
+def _check_int(owner: str, name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{owner}.{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{owner}.{name} must be >= {minimum}, got {value!r}")
+
+
+def _check_float(owner: str, name: str, value: object, minimum: float = 0.0) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= minimum:
+        raise ConfigError(f"{owner}.{name} must be a number >= {minimum}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    """How the model and data are split over ranks (data parallel = world / (tensor * pipeline))."""
+
+    tensor: int = 1
+    """Tensor-parallel size (heads, kv groups, FFN and vocabulary are split)."""
+    pipeline: int = 1
+    """Pipeline-parallel size (layers are split into this many stages)."""
+    expert: int = 1
+    """Expert-parallel size (MoE experts are split; carved out of the data-parallel ranks)."""
+    sequence_parallel: bool | None = None
+    """Sequence parallelism; None turns it on when tensor > 1 (required for MoE with TP > 1)."""
+    distributed_optimizer: bool = False
+    """Shard optimizer state over data-parallel ranks (megatron's DistributedOptimizer)."""
+
+    def __post_init__(self) -> None:
+        for name in ("tensor", "pipeline", "expert"):
+            _check_int("ParallelConfig", name, getattr(self, name), 1)
+
+    @property
+    def use_sequence_parallel(self) -> bool:
+        """Whether sequence parallelism is on."""
+        if self.sequence_parallel is None:
+            return self.tensor > 1
+        return self.sequence_parallel
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimizerConfig:
+    """AdamW with a warmup-stable-decay learning rate (setup.md)."""
+
+    lr: float = 3e-4
+    """Peak learning rate, reached after warmup and held during the stable phase."""
+    min_lr: float = 3e-5
+    """Learning rate at the end of the decay phase."""
+    warmup_steps: int = 2000
+    """Linear warmup from 0 to lr, in optimizer steps."""
+    decay_steps: int | None = None
+    """Length of the whole schedule in steps; None means train_steps."""
+    wsd_decay_steps: int = 0
+    """Final steps of the schedule spent decaying lr to min_lr; 0 keeps lr stable throughout."""
+    wsd_decay_style: str = "linear"
+    """Shape of the decay: linear, cosine, exponential or minus_sqrt."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay (not applied to norms)."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clipping threshold."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.95
+    """Adam beta2."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    override_scheduler: bool = False
+    """On resume, take the schedule from this config instead of the checkpoint (mid-training)."""
+
+    def __post_init__(self) -> None:
+        owner = "OptimizerConfig"
+        for name in ("lr", "min_lr", "weight_decay", "clip_grad", "adam_eps"):
+            _check_float(owner, name, getattr(self, name))
+        if self.min_lr > self.lr:
+            raise ConfigError(f"{owner}.min_lr={self.min_lr} exceeds lr={self.lr}")
+        for name in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, name)
+            _check_float(owner, name, value)
+            if value >= 1:
+                raise ConfigError(f"{owner}.{name} must be < 1, got {value!r}")
+        _check_int(owner, "warmup_steps", self.warmup_steps, 0)
+        _check_int(owner, "wsd_decay_steps", self.wsd_decay_steps, 0)
+        if self.decay_steps is not None:
+            _check_int(owner, "decay_steps", self.decay_steps, 1)
+        styles = ("linear", "cosine", "exponential", "minus_sqrt")
+        if self.wsd_decay_style not in styles:
+            raise ConfigError(
+                f"{owner}.wsd_decay_style={self.wsd_decay_style!r}; choose one of {styles}"
+            )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Indexed (.bin/.idx) token data read through megatron-core's GPTDataset."""
+
+    paths: tuple[str, ...] = ()
+    """Path prefixes of indexed datasets (without .bin/.idx)."""
+    weights: tuple[float, ...] | None = None
+    """Blend weights of `paths` (None: proportional to size)."""
+    split: str = "98,2,0"
+    """Train/validation/test split of every dataset, in parts (megatron syntax)."""
+    eod_id: int = 0
+    """End-of-document token id (used for eod_mask_loss and megatron's document index)."""
+    eod_mask_loss: bool = False
+    """Exclude end-of-document tokens from the loss."""
+    seed: int = 1234
+    """Seed of megatron's sample shuffling."""
+    cache_dir: str | None = None
+    """Where megatron caches its dataset indices (None: next to the data)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.paths, str):
+            raise ConfigError(
+                f"DataConfig.paths must be a sequence of prefixes, got {self.paths!r}"
+            )
+        object.__setattr__(self, "paths", tuple(str(p) for p in self.paths))
+        if self.weights is not None:
+            object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+            if len(self.weights) != len(self.paths):
+                raise ConfigError(
+                    f"DataConfig.weights has {len(self.weights)} entries for "
+                    f"{len(self.paths)} paths"
+                )
+        _check_int("DataConfig", "eod_id", self.eod_id, 0)
+        parts = self.split.replace("/", ",").split(",")
+        try:
+            values = [float(p) for p in parts]
+        except ValueError:
+            raise ConfigError(f"DataConfig.split={self.split!r} is not like '98,2,0'") from None
+        if len(values) > 3 or sum(values) <= 0 or min(values) < 0:
+            raise ConfigError(f"DataConfig.split={self.split!r} is not like '98,2,0'")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    """megatron dist_checkpointing of model, optimizer, scheduler, RNG and data position."""
+
+    save_dir: str | None = None
+    """Where checkpoints are written (iter_XXXXXXX/ folders and a `latest` file)."""
+    save_interval: int = 0
+    """Save every this many steps (0: only at the end, when save_dir is set)."""
+    load_dir: str | None = None
+    """Resume from the latest checkpoint here (None: start from scratch)."""
+    load_step: int | None = None
+    """Load this step instead of the latest."""
+    load_optimizer: bool = True
+    """Restore optimizer, scheduler, RNG and data position; False loads the weights only."""
+
+    def __post_init__(self) -> None:
+        _check_int("CheckpointConfig", "save_interval", self.save_interval, 0)
+        if self.load_step is not None:
+            _check_int("CheckpointConfig", "load_step", self.load_step, 0)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoggingConfig:
+    """Per-step metrics: console, a JSONL file and TensorBoard (written by global rank 0)."""
+
+    log_dir: str | None = None
+    """Folder of metrics.jsonl and the TensorBoard events (None: console only)."""
+    log_interval: int = 1
+    """Log every this many steps."""
+    console: bool = True
+    """Print a line per logged step."""
+    tensorboard: bool = True
+    """Write TensorBoard scalars under log_dir."""
+
+    def __post_init__(self) -> None:
+        _check_int("LoggingConfig", "log_interval", self.log_interval, 1)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """One pre-training run."""
+
+    model: ModelConfig
+    """Model shape (see megatron_ext.models.model_preset)."""
+    shaping: RewardShapingConfig = dataclasses.field(default_factory=RewardShapingConfig)
+    """The reward shaping of the loss (RewardShapingConfig.preset('precision') etc.)."""
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    """Parallel layout."""
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    """Optimizer and learning-rate schedule."""
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    """Training and validation data."""
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    """Saving and resuming."""
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    """Metrics output."""
+    train_steps: int = 1
+    """Optimizer steps to run (in total, counting steps done before a resume)."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step, over all data-parallel ranks."""
+    micro_batch_size: int = 1
+    """Sequences per forward pass on one rank (the rest is gradient accumulation)."""
+    eval_interval: int = 0
+    """Validate every this many steps and at the end (0: never)."""
+    eval_iters: int = 1
+    """Global batches of validation data per validation (always the same held-out samples)."""
+    seed: int = 1234
+    """Seed of weight initialisation (offset by 100 per pipeline stage, as megatron does)."""
+    bf16: bool = False
+    """bf16 parameters and activations with fp32 main weights (megatron mixed precision)."""
+    use_transformer_engine: bool = False
+    """Use the Transformer Engine layer spec (error when TE is not installed)."""
+    recompute_activations: bool = False
+    """Full activation recomputation of every layer."""
+    backend: str | None = None
+    """torch.distributed backend; None: nccl with a GPU, gloo without."""
+
+    def __post_init__(self) -> None:
+        owner = "TrainConfig"
+        for name in ("train_steps", "global_batch_size", "micro_batch_size", "eval_iters"):
+            _check_int(owner, name, getattr(self, name), 1)
+        _check_int(owner, "eval_interval", self.eval_interval, 0)
+        if self.backend not in (None, "nccl", "gloo"):
+            raise ConfigError(f"{owner}.backend={self.backend!r}; choose nccl, gloo or None")
+        if self.shaping.uses_top_k and self.shaping.top_k > self.model.vocab_size:
+            raise ConfigError(
+                f"shaping.top_k={self.shaping.top_k} exceeds model.vocab_size="
+                f"{self.model.vocab_size}"
+            )
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """Data-parallel ranks for this world size."""
+        return world_size // (self.parallel.tensor * self.parallel.pipeline)
+
+    def validate(self, world_size: int) -> None:
+        """Check the run against the parallel layout; raise ConfigError naming the values.
+
+        Args:
+            world_size: number of ranks the run will use.
+        """
+        _check_int("world_size", "world_size", world_size, 1)
+        p, m = self.parallel, self.model
+        tp, pp, ep = p.tensor, p.pipeline, p.expert
+        errors: list[str] = []
+
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                errors.append(message)
+
+        need(
+            world_size % (tp * pp) == 0,
+            f"world_size={world_size} is not divisible by parallel.tensor * parallel.pipeline"
+            f" = {tp} * {pp} = {tp * pp}",
+        )
+        need(
+            m.num_attention_heads % tp == 0,
+            f"parallel.tensor={tp} does not divide model.num_attention_heads="
+            f"{m.num_attention_heads}",
+        )
+        need(
+            m.num_query_groups % tp == 0,
+            f"parallel.tensor={tp} does not divide model.num_query_groups={m.num_query_groups}",
+        )
+        need(
+            m.ffn_hidden_size % tp == 0,
+            f"parallel.tensor={tp} does not divide model.ffn_hidden_size={m.ffn_hidden_size}",
+        )
+        padded_vocab = m.padded_vocab_size(tp)
+        need(
+            padded_vocab % tp == 0,
+            f"parallel.tensor={tp} does not divide the padded vocabulary {padded_vocab} "
+            f"(model.vocab_size={m.vocab_size})",
+        )
+        need(
+            m.num_layers % pp == 0,
+            f"parallel.pipeline={pp} does not divide model.num_layers={m.num_layers}",
+        )
+        if p.use_sequence_parallel:
+            need(
+                m.seq_length % tp == 0,
+                f"parallel.tensor={tp} does not divide model.seq_length={m.seq_length} "
+                "(sequence parallelism splits the sequence)",
+            )
+        if m.is_moe:
+            need(
+                m.num_experts % ep == 0,
+                f"parallel.expert={ep} does not divide model.num_experts={m.num_experts}",
+            )
+            need(
+                m.moe_ffn_hidden_size % tp == 0,
+                f"parallel.tensor={tp} does not divide model.moe_ffn_hidden_size="
+                f"{m.moe_ffn_hidden_size}",
+            )
+            if tp > 1:
+                need(
+                    p.use_sequence_parallel,
+                    f"MoE with parallel.tensor={tp} needs sequence parallelism "
+                    "(parallel.sequence_parallel=False was set)",
+                )
+        else:
+            need(ep == 1, f"parallel.expert={ep} needs an MoE model (model.num_experts=0)")
+        if world_size % (tp * pp) == 0:
+            dp = self.data_parallel_size(world_size)
+            need(
+                dp % ep == 0,
+                f"parallel.expert={ep} does not divide the data-parallel size {dp} "
+                f"(world_size={world_size} / (tensor={tp} * pipeline={pp}))",
+            )
+            need(
+                self.global_batch_size % (self.micro_batch_size * dp) == 0,
+                f"global_batch_size={self.global_batch_size} is not divisible by "
+                f"micro_batch_size * data-parallel size = {self.micro_batch_size} * {dp}",
+            )
+        decay = self.optimizer.decay_steps or self.train_steps
+        need(
+            self.optimizer.warmup_steps < decay,
+            f"optimizer.warmup_steps={self.optimizer.warmup_steps} must be smaller than the "
+            f"schedule length {decay} (optimizer.decay_steps or train_steps)",
+        )
+        need(
+            self.optimizer.wsd_decay_steps <= decay,
+            f"optimizer.wsd_decay_steps={self.optimizer.wsd_decay_steps} exceeds the schedule "
+            f"length {decay}",
+        )
+        need(bool(self.data.paths), "data.paths is empty: give at least one indexed dataset prefix")
+        if self.checkpoint.save_interval and not self.checkpoint.save_dir:
+            errors.append(
+                f"checkpoint.save_interval={self.checkpoint.save_interval} needs checkpoint.save_dir"
+            )
+        if errors:
+            raise ConfigError("invalid training configuration:\n  - " + "\n  - ".join(errors))
+
+
+_SECTIONS: dict[str, type] = {
+    "shaping": RewardShapingConfig,
+    "parallel": ParallelConfig,
+    "optimizer": OptimizerConfig,
+    "data": DataConfig,
+    "checkpoint": CheckpointConfig,
+    "logging": LoggingConfig,
+}
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown field(s) {unknown} in {where}; known: {sorted(known)}")
+    hints = typing.get_type_hints(cls)
+    converted = {}
+    for key, value in values.items():
+        if isinstance(value, list) and "tuple" in str(hints.get(key, "")):
+            value = tuple(value)
+        converted[key] = value
+    try:
+        return cls(**converted)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    """A TrainConfig from nested plain values (as in a JSON or TOML file).
+
+    `model` is a preset name, or a table with an optional `preset` plus field overrides;
+    `shaping` is a preset name or a table of RewardShapingConfig fields.
+    """
+    values = dict(values)
+    if "model" not in values:
+        raise ConfigError("the configuration has no 'model' (a preset name or a table)")
+    model = values.pop("model")
+    if isinstance(model, str):
+        model_cfg = model_preset(model)
+    elif isinstance(model, dict):
+        model = dict(model)
+        preset = model.pop("preset", None)
+        try:
+            model_cfg = model_preset(preset, **model) if preset else ModelConfig(**model)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"model: {exc}") from exc
+    elif isinstance(model, ModelConfig):
+        model_cfg = model
+    else:
+        raise ConfigError(f"model must be a preset name or a table, got {model!r}")
+    kwargs: dict[str, Any] = {"model": model_cfg}
+    for key, value in values.items():
+        cls = _SECTIONS.get(key)
+        if cls is None or isinstance(value, cls):
+            kwargs[key] = value
+        elif key == "shaping" and isinstance(value, str):
+            kwargs[key] = RewardShapingConfig.preset(value)
+        elif isinstance(value, dict):
+            kwargs[key] = _build(cls, value, key)
+        else:
+            raise ConfigError(f"{key} must be a table, got {value!r}")
+    return _build(TrainConfig, kwargs, "the configuration")
+
+
+def config_to_dict(config: TrainConfig) -> dict[str, Any]:
+    """Plain nested values of a TrainConfig (JSON-serialisable; round-trips config_from_dict)."""
+    out = dataclasses.asdict(config)
+    for name in ("PRESET_NAMES",):
+        out["shaping"].pop(name, None)
+    return out
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """A TrainConfig from a .json or .toml file."""
+    path = Path(path)
+    if path.suffix == ".toml":
+        values = tomllib.loads(path.read_text())
+    elif path.suffix == ".json":
+        values = json.loads(path.read_text())
+    else:
+        raise ConfigError(f"config file {path} must be .json or .toml")
+    return config_from_dict(values)

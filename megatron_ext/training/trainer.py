@@ -1,0 +1,369 @@
+"""Pre-training with the reward-shaped loss, built from megatron-core parts.
+
+parallel_state (TP, PP, EP, DP) -> ShapedLossGPTModel (local or TE spec) -> megatron DDP ->
+get_megatron_optimizer (AdamW, distributed optimizer optional) -> OptimizerParamScheduler
+(warmup-stable-decay) -> get_forward_backward_func over micro-batches of GPTDataset samples ->
+finalize_model_grads (grads divided by the global loss-token count) -> dist_checkpointing.
+
+The same code runs with NCCL on GPUs and with gloo on CPU (megatron_ext.core.cpu_compat bridges
+megatron-core's CUDA-only calls when no GPU is present). Entry point: `pretrain(config)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import socket
+import time
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+from megatron.core.transformer.module import Float16Module
+from megatron.core.utils import get_attr_wrapped_model
+
+from megatron_ext.core import install_cpu_compat
+from megatron_ext.loss import ShapedLossStats
+from megatron_ext.models import IGNORE_INDEX, build_model, to_transformer_config
+from megatron_ext.training.checkpoint import latest_step, load_checkpoint, save_checkpoint
+from megatron_ext.training.config import TrainConfig, config_to_dict
+from megatron_ext.training.data import BatchPlan, MicroBatch, build_datasets
+from megatron_ext.training.metrics import LOSS_SUM_FIELDS, MetricsWriter, sums_to_metrics
+
+__all__ = ["TrainResult", "pretrain"]
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a run returns on every rank."""
+
+    records: list[dict[str, Any]]
+    """One metrics record per step run here (global values, identical on every rank)."""
+    sample_indices: dict[int, list[int]]
+    """Per step, the dataset indices this data-parallel rank trained on."""
+    start_step: int
+    """Step the run started from (0, or the step of the checkpoint it resumed)."""
+    final_step: int
+    """Step the run ended at."""
+
+
+def _world_size() -> int:
+    if dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _init_distributed(config: TrainConfig) -> bool:
+    """Create the default process group unless the caller did; returns whether we created it."""
+    if not torch.cuda.is_available():
+        install_cpu_compat()
+    else:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if dist.is_initialized():
+        return False
+    backend = config.backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if "MASTER_ADDR" not in os.environ and _world_size() == 1:
+        # A single process started without torchrun: rendezvous with itself on a free port.
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1")
+    dist.init_process_group(backend)
+    return True
+
+
+def _loss_func(
+    loss_mask: torch.Tensor, stats: ShapedLossStats | None, output_tensor: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Token-sum loss of one micro-batch (megatron divides the gradients by the global token
+    count in finalize_model_grads, since calculate_per_token_loss is on), plus metric sums."""
+    mask = loss_mask.float()  # [b, s]
+    keep = mask > 0
+    loss_sum = (output_tensor.float() * mask).sum()
+    tokens = mask.sum()
+    with torch.no_grad():
+        zero = torch.zeros((), device=mask.device)
+
+        def masked_sum(x: torch.Tensor) -> torch.Tensor:
+            return torch.where(keep, x.float(), zero).sum()
+
+        sums = torch.stack(
+            [
+                loss_sum.detach(),
+                -masked_sum(stats.target_logprob),
+                masked_sum(stats.entropy),
+                masked_sum(stats.target_prob),
+                masked_sum(stats.topk_mass),
+                tokens,
+            ]
+        ).double()
+    return loss_sum, tokens.to(torch.int), {"sums": sums}
+
+
+def _forward_step(data_iterator, model: torch.nn.Module):
+    batch: MicroBatch = next(data_iterator)
+    labels = batch.labels.masked_fill(batch.loss_mask == 0, IGNORE_INDEX)  # [b, s]
+    output = model(batch.tokens, batch.position_ids, None, labels=labels)
+    stats = get_attr_wrapped_model(model, "last_loss_stats")
+    return output, partial(_loss_func, batch.loss_mask, stats)
+
+
+class _Trainer:
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        cfg, par = config, config.parallel
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available()
+            else torch.device("cpu")
+        )
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=par.tensor,
+            pipeline_model_parallel_size=par.pipeline,
+            expert_model_parallel_size=par.expert,
+        )
+        seed = cfg.seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        model_parallel_cuda_manual_seed(seed)
+
+        params_dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+        self.tconfig = to_transformer_config(
+            cfg.model,
+            tensor_parallel=par.tensor,
+            pipeline_parallel=par.pipeline,
+            expert_parallel=par.expert,
+            sequence_parallel=par.use_sequence_parallel,
+            params_dtype=params_dtype,
+            use_transformer_engine=cfg.use_transformer_engine,
+            recompute_activations=cfg.recompute_activations,
+        )
+        model: torch.nn.Module = build_model(
+            cfg.model,
+            self.tconfig,
+            cfg.shaping,
+            use_transformer_engine=cfg.use_transformer_engine,
+        )
+        model.to(self.device)
+        if cfg.bf16:
+            model = Float16Module(self.tconfig, model)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=par.distributed_optimizer,
+        )
+        self.model = DistributedDataParallel(self.tconfig, ddp_config, model)
+
+        opt = cfg.optimizer
+        self.optimizer = get_megatron_optimizer(
+            MegatronOptimizerConfig(
+                optimizer="adam",  # torch AdamW without Apex/TE (decoupled weight decay)
+                lr=opt.lr,
+                min_lr=opt.min_lr,
+                weight_decay=opt.weight_decay,
+                adam_beta1=opt.adam_beta1,
+                adam_beta2=opt.adam_beta2,
+                adam_eps=opt.adam_eps,
+                clip_grad=opt.clip_grad,
+                bf16=cfg.bf16,
+                params_dtype=params_dtype,
+                use_distributed_optimizer=par.distributed_optimizer,
+            ),
+            [self.model],
+        )
+        decay_steps = opt.decay_steps or cfg.train_steps
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0,
+            max_lr=opt.lr,
+            min_lr=opt.min_lr,
+            lr_warmup_steps=opt.warmup_steps,
+            lr_decay_steps=decay_steps,
+            lr_decay_style="WSD",
+            start_wd=opt.weight_decay,
+            end_wd=opt.weight_decay,
+            wd_incr_steps=decay_steps,
+            wd_incr_style="constant",
+            use_checkpoint_opt_param_scheduler=not opt.override_scheduler,
+            override_opt_param_scheduler=opt.override_scheduler,
+            wsd_decay_steps=opt.wsd_decay_steps,
+            lr_wsd_decay_style=opt.wsd_decay_style,
+        )
+        self.tconfig.grad_scale_func = self.optimizer.scale_loss
+        self.tconfig.finalize_model_grads_func = finalize_model_grads
+        self.tconfig.no_sync_func = self.model.no_sync
+        self.forward_backward = get_forward_backward_func()
+
+        self.train_data, self.valid_data = build_datasets(cfg)
+        self.plan = BatchPlan(
+            global_batch_size=cfg.global_batch_size,
+            micro_batch_size=cfg.micro_batch_size,
+            dp_rank=parallel_state.get_data_parallel_rank(),
+            dp_size=parallel_state.get_data_parallel_world_size(),
+        )
+        self.writer = MetricsWriter(
+            cfg.logging.log_dir,
+            enabled=dist.get_rank() == 0,
+            console=cfg.logging.console,
+            tensorboard=cfg.logging.tensorboard,
+        )
+
+    # -- one step ---------------------------------------------------------------------------
+
+    def _reduce_sums(self, outputs: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """Global token sums: the last stage's TP-rank-0 ranks hold one copy per DP rank."""
+        sums = torch.zeros(len(LOSS_SUM_FIELDS), dtype=torch.float64, device=self.device)
+        owner = (
+            parallel_state.is_pipeline_last_stage()
+            and parallel_state.get_tensor_model_parallel_rank() == 0
+        )
+        if owner and outputs:
+            sums = torch.stack([o["sums"] for o in outputs]).sum(0).to(self.device)
+        dist.all_reduce(sums)
+        return sums.cpu()
+
+    def _run_schedule(self, batches: list[MicroBatch], forward_only: bool) -> torch.Tensor:
+        outputs = self.forward_backward(
+            forward_step_func=_forward_step,
+            data_iterator=iter(batches),
+            model=[self.model],
+            num_microbatches=len(batches),
+            seq_length=self.config.model.seq_length,
+            micro_batch_size=self.config.micro_batch_size,
+            forward_only=forward_only,
+        )
+        return self._reduce_sums(outputs)
+
+    def train_step(self, batches: list[MicroBatch]) -> tuple[torch.Tensor, float]:
+        """Forward and backward over the micro-batches, optimizer step; token sums, grad norm."""
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        sums = self._run_schedule(batches, forward_only=False)
+        _, grad_norm, _ = self.optimizer.step()
+        return sums, float(grad_norm) if grad_norm is not None else float("nan")
+
+    def evaluate(self) -> dict[str, float]:
+        """Metrics on the held-out samples (the same eval_iters global batches every time)."""
+        self.model.eval()
+        total = torch.zeros(len(LOSS_SUM_FIELDS), dtype=torch.float64)
+        with torch.no_grad():
+            for i in range(self.config.eval_iters):
+                batches = self.plan.micro_batches(
+                    self.valid_data, i * self.config.global_batch_size, self.device
+                )
+                total += self._run_schedule(batches, forward_only=True)
+        self.model.train()
+        return sums_to_metrics(total, prefix="val_")
+
+    # -- the run ----------------------------------------------------------------------------
+
+    def _resume(self) -> tuple[int, int]:
+        ckpt = self.config.checkpoint
+        if ckpt.load_dir is None or (ckpt.load_step is None and latest_step(ckpt.load_dir) is None):
+            if ckpt.load_dir is not None and dist.get_rank() == 0:
+                print(f"no checkpoint under {ckpt.load_dir}: starting from scratch", flush=True)
+            return 0, 0
+        state = load_checkpoint(
+            ckpt.load_dir,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            distributed_optimizer=self.config.parallel.distributed_optimizer,
+            load_optimizer=ckpt.load_optimizer,
+            step=ckpt.load_step,
+        )
+        if not ckpt.load_optimizer:
+            return 0, 0
+        return state["step"], state["consumed_samples"]
+
+    def _save(self, step: int, consumed: int) -> None:
+        save_checkpoint(
+            self.config.checkpoint.save_dir,
+            step=step,
+            consumed_samples=consumed,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            distributed_optimizer=self.config.parallel.distributed_optimizer,
+            extra={"config": config_to_dict(self.config)},
+        )
+
+    def run(self) -> TrainResult:
+        cfg = self.config
+        step, consumed = self._resume()
+        start_step = step
+        records: list[dict[str, Any]] = []
+        indices: dict[int, list[int]] = {}
+        tokens_per_step = cfg.global_batch_size * cfg.model.seq_length
+        self.model.train()
+        try:
+            while step < cfg.train_steps:
+                t0 = time.perf_counter()
+                batches = self.plan.micro_batches(self.train_data, consumed, self.device)
+                lr = self.optimizer.param_groups[0]["lr"]
+                sums, grad_norm = self.train_step(batches)
+                self.scheduler.step(increment=1)
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                elapsed = time.perf_counter() - t0
+                step += 1
+                indices[step] = [i for b in batches for i in b.sample_indices]
+                consumed += cfg.global_batch_size
+                record: dict[str, Any] = {"step": step, **sums_to_metrics(sums)}
+                record.update(
+                    grad_norm=grad_norm,
+                    lr=lr,
+                    step_time_s=elapsed,
+                    tokens_per_s=tokens_per_step / elapsed,
+                    consumed_samples=consumed,
+                )
+                last = step == cfg.train_steps
+                if cfg.eval_interval and (step % cfg.eval_interval == 0 or last):
+                    record.update(self.evaluate())
+                if step % cfg.logging.log_interval == 0 or last:
+                    self.writer.write(record)
+                records.append(record)
+                save_dir, interval = cfg.checkpoint.save_dir, cfg.checkpoint.save_interval
+                if save_dir and ((interval and step % interval == 0) or last):
+                    self._save(step, consumed)
+        finally:
+            self.writer.close()
+        return TrainResult(
+            records=records, sample_indices=indices, start_step=start_step, final_step=step
+        )
+
+
+def pretrain(config: TrainConfig) -> TrainResult:
+    """Run (or resume) pre-training as configured; every rank calls it.
+
+    The configuration is validated against the world size before anything else happens. Creates
+    the default process group from the torchrun environment unless one exists (then it is used
+    and left alone), initialises megatron's parallel state and tears it down at the end.
+
+    Returns:
+        The run's per-step metrics and this rank's sample indices (the same metrics on every rank).
+    """
+    config.validate(_world_size())
+    owns_group = _init_distributed(config)
+    try:
+        return _Trainer(config).run()
+    finally:
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        if owns_group:
+            dist.destroy_process_group()

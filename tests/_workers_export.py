@@ -45,20 +45,20 @@ def _config(spec: TinyGPT, tp: int, pp: int, ep: int):
 
     moe: dict[str, Any] = {}
     if spec.num_experts:
-        moe = dict(
-            num_moe_experts=spec.num_experts,
-            moe_router_topk=spec.moe_router_topk,
-            moe_ffn_hidden_size=spec.moe_ffn_hidden_size,
-            moe_layer_freq=(
+        moe = {
+            "num_moe_experts": spec.num_experts,
+            "moe_router_topk": spec.moe_router_topk,
+            "moe_ffn_hidden_size": spec.moe_ffn_hidden_size,
+            "moe_layer_freq": (
                 spec.moe_layer_freq
                 if isinstance(spec.moe_layer_freq, int)
                 else list(spec.moe_layer_freq)
             ),
-            moe_router_pre_softmax=spec.moe_router_pre_softmax,
-            moe_token_dispatcher_type="allgather",  # alltoall opens a CUDA stream
-            moe_router_load_balancing_type="none",
-            expert_model_parallel_size=ep,
-        )
+            "moe_router_pre_softmax": spec.moe_router_pre_softmax,
+            "moe_token_dispatcher_type": "allgather",  # alltoall opens a CUDA stream
+            "moe_router_load_balancing_type": "none",
+            "expert_model_parallel_size": ep,
+        }
     return TransformerConfig(
         num_layers=spec.num_layers,
         hidden_size=spec.hidden_size,

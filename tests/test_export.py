@@ -49,24 +49,29 @@ MOE_PRE_SOFTMAX = TinyGPT(num_experts=4, moe_router_topk=2, moe_router_pre_softm
 
 
 def _arch(**overrides) -> ExportArch:
-    fields = dict(
-        hidden_size=8,
-        num_layers=2,
-        num_attention_heads=4,
-        num_query_groups=2,
-        head_dim=4,
-        ffn_hidden_size=12,
-        vocab_size=10,
-        padded_vocab_size=16,
-        max_position_embeddings=32,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-    )
+    fields = {
+        "hidden_size": 8,
+        "num_layers": 2,
+        "num_attention_heads": 4,
+        "num_query_groups": 2,
+        "head_dim": 4,
+        "ffn_hidden_size": 12,
+        "vocab_size": 10,
+        "padded_vocab_size": 16,
+        "max_position_embeddings": 32,
+        "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+    }
     return ExportArch(**(fields | overrides))
 
 
-MOE_ARCH = dict(num_experts=3, moe_router_topk=2, moe_ffn_hidden_size=6, moe_layers=(False, True))
+MOE_ARCH = {
+    "num_experts": 3,
+    "moe_router_topk": 2,
+    "moe_ffn_hidden_size": 6,
+    "moe_layers": (False, True),
+}
 
 
 def _random_state(arch: ExportArch) -> dict[str, torch.Tensor]:
@@ -85,7 +90,7 @@ def test_split_qkv_follows_query_groups():
     fused = torch.arange(2 * 4 * 3, dtype=torch.float32).unsqueeze(1)  # [ng*(hpg+2)*d, 1]
     q, k, v = split_qkv(fused, arch)
     group = 4 * 3
-    assert q.flatten().tolist() == [*range(0, 6), *range(group, group + 6)]
+    assert q.flatten().tolist() == [*range(6), *range(group, group + 6)]
     assert k.flatten().tolist() == [*range(6, 9), *range(group + 6, group + 9)]
     assert v.flatten().tolist() == [*range(9, 12), *range(group + 9, group + 12)]
 
@@ -191,25 +196,30 @@ def test_arch_validation_quotes_bad_values():
 def _megatron_config(**overrides):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    fields = dict(
-        num_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_query_groups=2,
-        kv_channels=32,
-        ffn_hidden_size=96,
-        normalization="RMSNorm",
-        gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu,
-        add_bias_linear=False,
-        qk_layernorm=True,
-        layernorm_epsilon=1e-6,
-    )
+    fields = {
+        "num_layers": 2,
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_query_groups": 2,
+        "kv_channels": 32,
+        "ffn_hidden_size": 96,
+        "normalization": "RMSNorm",
+        "gated_linear_unit": True,
+        "activation_func": torch.nn.functional.silu,
+        "add_bias_linear": False,
+        "qk_layernorm": True,
+        "layernorm_epsilon": 1e-6,
+    }
     return TransformerConfig(**(fields | overrides))
 
 
 def test_arch_from_megatron_config():
-    moe = dict(num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32, moe_layer_freq=2)
+    moe = {
+        "num_moe_experts": 4,
+        "moe_router_topk": 2,
+        "moe_ffn_hidden_size": 32,
+        "moe_layer_freq": 2,
+    }
     arch = arch_from_megatron_config(
         _megatron_config(**moe),
         vocab_size=300,
@@ -225,16 +235,16 @@ def test_arch_from_megatron_config():
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
-        (dict(add_bias_linear=True), "add_bias_linear=True"),
-        (dict(qk_layernorm=False), "qk_layernorm=False"),
-        (dict(normalization="LayerNorm"), "normalization='LayerNorm'"),
-        (dict(gated_linear_unit=False), "activation_func|gated_linear_unit"),
+        ({"add_bias_linear": True}, "add_bias_linear=True"),
+        ({"qk_layernorm": False}, "qk_layernorm=False"),
+        ({"normalization": "LayerNorm"}, "normalization='LayerNorm'"),
+        ({"gated_linear_unit": False}, "activation_func|gated_linear_unit"),
         (
-            dict(num_moe_experts=4, moe_router_topk=2, moe_shared_expert_intermediate_size=32),
+            {"num_moe_experts": 4, "moe_router_topk": 2, "moe_shared_expert_intermediate_size": 32},
             "moe_shared_expert_intermediate_size",
         ),
         (
-            dict(num_moe_experts=4, moe_router_topk=2, moe_router_score_function="sigmoid"),
+            {"num_moe_experts": 4, "moe_router_topk": 2, "moe_router_score_function": "sigmoid"},
             "moe_router_score_function='sigmoid'",
         ),
     ],
@@ -249,6 +259,35 @@ def test_unsupported_megatron_configs_are_refused(overrides, match):
             rope_theta=1e6,
             tie_word_embeddings=False,
         )
+
+
+def test_unshard_model_keys_layouts():
+    """Sharded-key layouts of megatron-core 0.19 -> TP=1 state-dict names (synthetic tensors)."""
+    from megatron_ext.export.checkpoint import unshard_model_keys
+
+    stacked_qkv = torch.randn(2, 6, 4)  # [num_layers, ...]
+    stacked_experts = torch.randn(3, 8, 4)  # [num_experts, 2*ffn, h]
+    gate, up = torch.randn(5, 4), torch.randn(5, 4)
+    out = unshard_model_keys(
+        {
+            "decoder.layers.self_attention.linear_qkv.weight": stacked_qkv,
+            "decoder.layers.self_attention.linear_qkv.layer_norm_weight": torch.ones(2, 4),
+            "decoder.layers.1.mlp.experts.experts.linear_fc1.weight": stacked_experts,
+            "decoder.layers.0.mlp.experts.experts.2.linear_fc2.weight": torch.ones(4, 4),
+            "decoder.layers.0.mlp.linear_fc1.weight_w": gate,
+            "decoder.layers.0.mlp.linear_fc1.weight_v": up,
+        },
+        num_layers=2,
+    )
+    assert torch.equal(out["decoder.layers.1.self_attention.linear_qkv.weight"], stacked_qkv[1])
+    assert "decoder.layers.0.input_layernorm.weight" in out
+    e1 = "decoder.layers.1.mlp.experts.local_experts.1.linear_fc1.weight"
+    assert torch.equal(out[e1], stacked_experts[1])
+    assert "decoder.layers.0.mlp.experts.local_experts.2.linear_fc2.weight" in out
+    assert torch.equal(out["decoder.layers.0.mlp.linear_fc1.weight"], torch.cat([gate, up]))
+    assert len(out) == 2 + 2 + 3 + 1 + 1
+    with pytest.raises(ValueError, match="num_layers=3"):
+        unshard_model_keys({"decoder.layers.final.weight": torch.ones(2, 4)}, num_layers=3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,7 +316,7 @@ def test_files_config_and_shards(tmp_path):
     for name in shards:
         with safe_open(str(out / name), "pt") as f:
             assert f.metadata() == {"format": "pt"}
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 - safe_open handles are not iterable
                 written[key] = f.get_tensor(key)
                 total += written[key].numel() * written[key].element_size()
                 assert index["weight_map"][key] == name
@@ -481,7 +520,7 @@ def test_checkpoint_from_parallel_layout(pool4, references, input_ids, tmp_path,
     out = export_checkpoint(resharded, ref["arch"], tmp_path / "hf", progress=False)
     assert _max_logit_diff(_load_hf(out), ref, input_ids, spec.vocab_size) < LOGIT_TOL
 
-    victim = sorted(resharded.glob("__*.distcp"))[-1]
+    victim = max(resharded.glob("__*.distcp"))
     victim.unlink()  # a rank's file lost: the error names the file and the tensors in it
     with pytest.raises(IncompleteCheckpointError, match=victim.name):
         export_checkpoint(resharded, ref["arch"], tmp_path / "hf2", progress=False)

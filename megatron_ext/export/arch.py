@@ -16,8 +16,8 @@ import torch
 __all__ = [
     "ExportArch",
     "UnsupportedArchitectureError",
-    "arch_from_megatron_config",
     "arch_from_gpt_model",
+    "arch_from_megatron_config",
     "moe_layer_pattern",
 ]
 
@@ -266,13 +266,13 @@ def arch_from_megatron_config(
     moe: dict[str, Any] = {}
     if num_experts:
         _check_config_values(config, _REQUIRED_MOE_CONFIG_VALUES)
-        moe = dict(
-            num_experts=num_experts,
-            moe_router_topk=config.moe_router_topk,
-            moe_ffn_hidden_size=config.moe_ffn_hidden_size or config.ffn_hidden_size,
-            norm_topk_prob=not config.moe_router_pre_softmax,
-            moe_layers=moe_layer_pattern(config.moe_layer_freq, config.num_layers),
-        )
+        moe = {
+            "num_experts": num_experts,
+            "moe_router_topk": config.moe_router_topk,
+            "moe_ffn_hidden_size": config.moe_ffn_hidden_size or config.ffn_hidden_size,
+            "norm_topk_prob": not config.moe_router_pre_softmax,
+            "moe_layers": moe_layer_pattern(config.moe_layer_freq, config.num_layers),
+        }
     return ExportArch(
         hidden_size=config.hidden_size,
         num_layers=config.num_layers,

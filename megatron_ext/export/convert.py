@@ -29,10 +29,10 @@ from megatron_ext.export.key_map import IGNORED_SUFFIXES, PlannedKey, plan_keys
 
 __all__ = [
     "IncompleteCheckpointError",
-    "resolve_keys",
-    "iter_hf_tensors",
     "convert_state_dict",
     "export_state_dict",
+    "iter_hf_tensors",
+    "resolve_keys",
 ]
 
 _SHOWN_KEYS = 20
@@ -64,9 +64,7 @@ def _listing(keys: list[str]) -> str:
     return f"{len(keys)} tensor{'s' if len(keys) != 1 else ''} ({shown}{more})"
 
 
-def resolve_keys(
-    state_dict: Mapping[str, Any], arch: ExportArch
-) -> list[tuple[str, PlannedKey]]:
+def resolve_keys(state_dict: Mapping[str, Any], arch: ExportArch) -> list[tuple[str, PlannedKey]]:
     """Match every row of the expanded key map to the name it has in `state_dict`.
 
     Raises:
@@ -198,9 +196,11 @@ def export_state_dict(
             bos_token_id = ids["bos"] if bos_token_id is None else bos_token_id
             eos_token_id = ids["eos"] if eos_token_id is None else eos_token_id
             pad_token_id = ids["pad"] if pad_token_id is None else pad_token_id
-        token_ids = dict(
-            bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id
-        )
+        token_ids = {
+            "bos_token_id": bos_token_id,
+            "eos_token_id": eos_token_id,
+            "pad_token_id": pad_token_id,
+        }
         write_json(tmp / "config.json", hf_config_dict(arch, dtype=dtype, **token_ids))
         write_json(tmp / "generation_config.json", generation_config_dict(**token_ids))
         writer = ShardWriter(tmp, max_shard_bytes)

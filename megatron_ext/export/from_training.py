@@ -19,10 +19,10 @@ from megatron_ext.export.checkpoint import load_full_model_tensors, model_key_pr
 from megatron_ext.export.convert import export_state_dict
 
 __all__ = [
-    "resolve_training_checkpoint",
-    "training_run_config",
     "arch_from_training_checkpoint",
     "export_training_checkpoint",
+    "resolve_training_checkpoint",
+    "training_run_config",
 ]
 
 _EMBEDDING = "embedding.word_embeddings.weight"

@@ -23,14 +23,14 @@ from safetensors.torch import save_file
 from megatron_ext.export.arch import ExportArch
 
 __all__ = [
-    "hf_config_dict",
-    "generation_config_dict",
+    "SAFE_WEIGHTS_INDEX_NAME",
+    "TOKENIZER_FILES",
     "ShardWriter",
-    "parse_size",
     "atomic_output_dir",
     "copy_tokenizer_files",
-    "TOKENIZER_FILES",
-    "SAFE_WEIGHTS_INDEX_NAME",
+    "generation_config_dict",
+    "hf_config_dict",
+    "parse_size",
 ]
 
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"

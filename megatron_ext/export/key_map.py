@@ -28,7 +28,7 @@ import torch
 
 from megatron_ext.export.arch import ExportArch
 
-__all__ = ["KeyRule", "KEY_MAP", "PlannedKey", "plan_keys", "IGNORED_SUFFIXES"]
+__all__ = ["IGNORED_SUFFIXES", "KEY_MAP", "KeyRule", "PlannedKey", "plan_keys"]
 
 Scope = Literal["model", "untied", "layer", "dense", "moe", "expert"]
 Transform = Callable[[torch.Tensor, ExportArch], tuple[torch.Tensor, ...]]

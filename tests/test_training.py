@@ -355,3 +355,16 @@ def test_cli_runs_a_single_process(tmp_path, data_prefix):
     assert "step 2 | loss" in out.stdout
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == "2"
     assert len((tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_native_cross_entropy_baseline_matches_the_ce_preset(pool2, data_prefix):
+    """megatron-core's own CE (the benchmark baseline) and our loss with the CE preset train the
+    same way: same initial weights and data, fp32, so the steps agree to rounding."""
+    config = _config(data_prefix, train_steps=3, parallel=ParallelConfig(tensor=2))
+    ours = pool2.run(w.train, config)[0]["records"]
+    native = pool2.run(w.train, dataclasses.replace(config, native_cross_entropy=True))[0][
+        "records"
+    ]
+    assert [r["loss"] for r in native] == pytest.approx([r["loss"] for r in ours], abs=1e-5)
+    assert all(r["ce_loss"] == r["loss"] for r in native)
+    assert "entropy" not in native[0] and "entropy" in ours[0]

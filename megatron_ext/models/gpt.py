@@ -130,6 +130,9 @@ class ShapedLossGPTModel(GPTModel):
     latest loss computation ([b, s] detached fp32 tensors: entropy, target_prob, target_logprob,
     topk_mass), read by the trainer right after each forward. With multi-token prediction the main
     head's loss is computed last, so these are the main head's statistics.
+
+    `native_cross_entropy=True` uses megatron-core's own loss instead (a baseline for
+    benchmarks; `last_loss_stats` stays None).
     """
 
     def __init__(
@@ -137,11 +140,13 @@ class ShapedLossGPTModel(GPTModel):
         *args: Any,
         shaping: RewardShapingConfig | None = None,
         ignore_index: int = IGNORE_INDEX,
+        native_cross_entropy: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.shaping = shaping if shaping is not None else RewardShapingConfig()
         self.ignore_index = ignore_index
+        self.native_cross_entropy = native_cross_entropy
         self.last_loss_stats: ShapedLossStats | None = None
 
     def compute_language_model_loss(self, labels: Tensor, logits: Tensor) -> Tensor:
@@ -154,6 +159,8 @@ class ShapedLossGPTModel(GPTModel):
         Returns:
             [b, s] fp32 loss per position (0 at ignored positions).
         """
+        if self.native_cross_entropy:
+            return super().compute_language_model_loss(labels, logits)
         labels = labels.transpose(0, 1).contiguous()  # [b, s] -> [s, b]
         loss, stats = vocab_parallel_shaped_cross_entropy(
             logits,  # [s, b, V/tp]
@@ -173,6 +180,7 @@ def build_model(
     shaping: RewardShapingConfig | None = None,
     *,
     use_transformer_engine: bool = False,
+    native_cross_entropy: bool = False,
     vp_stage: int | None = None,
 ) -> ShapedLossGPTModel:
     """This rank's pipeline stage of the model (parallel_state must be initialised)."""
@@ -190,5 +198,6 @@ def build_model(
         position_embedding_type="rope",
         rotary_base=model.rope_base,
         shaping=shaping,
+        native_cross_entropy=native_cross_entropy,
         vp_stage=vp_stage,
     )

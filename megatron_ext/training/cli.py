@@ -73,6 +73,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--split", help="train,valid,test split, e.g. 98,2,0")
     p.add_argument("--bf16", action="store_true", default=None)
     p.add_argument(
+        "--native-cross-entropy",
+        action="store_true",
+        default=None,
+        help="baseline: megatron-core's own cross-entropy instead of the shaped loss",
+    )
+    p.add_argument(
         "--set",
         action="append",
         default=[],
@@ -141,6 +147,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         _put(values, "parallel", "distributed_optimizer", True)
     if args.bf16:
         values["bf16"] = True
+    if args.native_cross_entropy:
+        values["native_cross_entropy"] = True
     for flag, (section, field) in _FLAGS.items():
         value = getattr(args, flag)
         if value is not None:

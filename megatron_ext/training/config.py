@@ -241,6 +241,9 @@ class TrainConfig:
     """Use the Transformer Engine layer spec (error when TE is not installed)."""
     recompute_activations: bool = False
     """Full activation recomputation of every layer."""
+    native_cross_entropy: bool = False
+    """Train with megatron-core's own cross-entropy instead of the shaped loss (a baseline: the
+    shaping config is ignored and entropy / p(x) / top-k mass are not logged)."""
     backend: str | None = None
     """torch.distributed backend; None: nccl with a GPU, gloo without."""
 

@@ -21,7 +21,11 @@ def sums_to_metrics(sums: torch.Tensor, prefix: str = "") -> dict[str, float]:
     """Per-token means from the global token sums (a [len(LOSS_SUM_FIELDS)] tensor)."""
     values = dict(zip(LOSS_SUM_FIELDS, sums.tolist(), strict=True))
     tokens = max(values["tokens"], 1.0)
-    out = {f"{prefix}{k}": values[k] / tokens for k in LOSS_SUM_FIELDS[:-1]}
+    out = {
+        f"{prefix}{k}": values[k] / tokens
+        for k in LOSS_SUM_FIELDS[:-1]
+        if not math.isnan(values[k])  # diagnostics absent with megatron's native CE
+    }
     ce = out[f"{prefix}ce_loss"]
     out[f"{prefix}ppl"] = math.exp(ce) if ce < 700 else math.inf
     out[f"{prefix}tokens"] = int(values["tokens"])

@@ -101,6 +101,10 @@ def _loss_func(
         def masked_sum(x: torch.Tensor) -> torch.Tensor:
             return torch.where(keep, x.float(), zero).sum()
 
+        if stats is None:  # megatron's native cross-entropy: the loss is the CE, no diagnostics
+            nan = torch.full((), float("nan"), device=mask.device)
+            sums = torch.stack([loss_sum.detach(), loss_sum.detach(), nan, nan, nan, tokens])
+            return loss_sum, tokens.to(torch.int), {"sums": sums.double()}
         sums = torch.stack(
             [
                 loss_sum.detach(),
@@ -158,6 +162,7 @@ class _Trainer:
             self.tconfig,
             cfg.shaping,
             use_transformer_engine=cfg.use_transformer_engine,
+            native_cross_entropy=cfg.native_cross_entropy,
         )
         model.to(self.device)
         if cfg.bf16:

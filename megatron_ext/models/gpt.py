@@ -129,7 +129,9 @@ class ShapedLossGPTModel(GPTModel):
     own tensor-parallel group (`pg_collection.tp`). `last_loss_stats` holds the diagnostics of the
     latest loss computation ([b, s] detached fp32 tensors: entropy, target_prob, target_logprob,
     topk_mass), read by the trainer right after each forward. With multi-token prediction the main
-    head's loss is computed last, so these are the main head's statistics.
+    head's loss is computed last, so these are the main head's statistics. Setting
+    `compute_loss_stats = False` skips them (they cost a top-k search per position when the
+    shaping itself needs none); `last_loss_stats` is then None.
 
     `native_cross_entropy=True` uses megatron-core's own loss instead (a baseline for
     benchmarks; `last_loss_stats` stays None).
@@ -147,6 +149,7 @@ class ShapedLossGPTModel(GPTModel):
         self.shaping = shaping if shaping is not None else RewardShapingConfig()
         self.ignore_index = ignore_index
         self.native_cross_entropy = native_cross_entropy
+        self.compute_loss_stats = True
         self.last_loss_stats: ShapedLossStats | None = None
 
     def compute_language_model_loss(self, labels: Tensor, logits: Tensor) -> Tensor:
@@ -159,18 +162,23 @@ class ShapedLossGPTModel(GPTModel):
         Returns:
             [b, s] fp32 loss per position (0 at ignored positions).
         """
+        self.last_loss_stats = None
         if self.native_cross_entropy:
             return super().compute_language_model_loss(labels, logits)
         labels = labels.transpose(0, 1).contiguous()  # [b, s] -> [s, b]
-        loss, stats = vocab_parallel_shaped_cross_entropy(
+        out = vocab_parallel_shaped_cross_entropy(
             logits,  # [s, b, V/tp]
             labels,  # [s, b]
             self.shaping,
             self.pg_collection.tp,
             ignore_index=self.ignore_index,
-            return_stats=True,
+            return_stats=self.compute_loss_stats,
         )
-        self.last_loss_stats = ShapedLossStats(*(t.transpose(0, 1) for t in stats))  # [b, s]
+        if self.compute_loss_stats:
+            loss, stats = out
+            self.last_loss_stats = ShapedLossStats(*(t.transpose(0, 1) for t in stats))  # [b, s]
+        else:
+            loss = out
         return loss.transpose(0, 1).contiguous()  # [s, b] -> [b, s]
 
 

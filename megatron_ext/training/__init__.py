@@ -12,7 +12,7 @@ from megatron_ext.training.config import (
     config_to_dict,
     load_config,
 )
-from megatron_ext.training.trainer import TrainResult, pretrain
+from megatron_ext.training.trainer import Trainer, TrainResult, pretrain, trainer_session
 
 __all__ = [
     "CheckpointConfig",
@@ -23,8 +23,10 @@ __all__ = [
     "ParallelConfig",
     "TrainConfig",
     "TrainResult",
+    "Trainer",
     "config_from_dict",
     "config_to_dict",
     "load_config",
     "pretrain",
+    "trainer_session",
 ]

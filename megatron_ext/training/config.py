@@ -195,7 +195,8 @@ class LoggingConfig:
     log_dir: str | None = None
     """Folder of metrics.jsonl and the TensorBoard events (None: console only)."""
     log_interval: int = 1
-    """Log every this many steps."""
+    """Log every this many steps (entropy, p(x) and top-k mass are computed on these steps only:
+    they cost a top-k search per position when the shaping needs none)."""
     console: bool = True
     """Print a line per logged step."""
     tensorboard: bool = True

@@ -26,8 +26,9 @@ def sums_to_metrics(sums: torch.Tensor, prefix: str = "") -> dict[str, float]:
         for k in LOSS_SUM_FIELDS[:-1]
         if not math.isnan(values[k])  # diagnostics absent with megatron's native CE
     }
-    ce = out[f"{prefix}ce_loss"]
-    out[f"{prefix}ppl"] = math.exp(ce) if ce < 700 else math.inf
+    ce = out.get(f"{prefix}ce_loss")
+    if ce is not None:
+        out[f"{prefix}ppl"] = math.exp(ce) if ce < 700 else math.inf
     out[f"{prefix}tokens"] = int(values["tokens"])
     return out
 

@@ -11,11 +11,13 @@ megatron-core's CUDA-only calls when no GPU is present). Entry point: `pretrain(
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import random
 import socket
 import time
+from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
@@ -34,7 +36,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.transformer.module import Float16Module
-from megatron.core.utils import get_attr_wrapped_model
+from megatron.core.utils import unwrap_model
 
 from megatron_ext.core import install_cpu_compat
 from megatron_ext.loss import ShapedLossStats
@@ -87,47 +89,60 @@ def _init_distributed(config: TrainConfig) -> bool:
 
 
 def _loss_func(
-    loss_mask: torch.Tensor, stats: ShapedLossStats | None, output_tensor: torch.Tensor
+    loss_mask: torch.Tensor,
+    stats: ShapedLossStats | None,
+    loss_is_ce: bool,
+    output_tensor: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Token-sum loss of one micro-batch (megatron divides the gradients by the global token
-    count in finalize_model_grads, since calculate_per_token_loss is on), plus metric sums."""
+    count in finalize_model_grads, since calculate_per_token_loss is on), plus metric sums
+    (NaN where unknown: diagnostics not computed this step)."""
     mask = loss_mask.float()  # [b, s]
     keep = mask > 0
     loss_sum = (output_tensor.float() * mask).sum()
     tokens = mask.sum()
     with torch.no_grad():
         zero = torch.zeros((), device=mask.device)
+        nan = torch.full((), float("nan"), device=mask.device)
 
         def masked_sum(x: torch.Tensor) -> torch.Tensor:
             return torch.where(keep, x.float(), zero).sum()
 
-        if stats is None:  # megatron's native cross-entropy: the loss is the CE, no diagnostics
-            nan = torch.full((), float("nan"), device=mask.device)
-            sums = torch.stack([loss_sum.detach(), loss_sum.detach(), nan, nan, nan, tokens])
-            return loss_sum, tokens.to(torch.int), {"sums": sums.double()}
-        sums = torch.stack(
-            [
-                loss_sum.detach(),
-                -masked_sum(stats.target_logprob),
-                masked_sum(stats.entropy),
-                masked_sum(stats.target_prob),
-                masked_sum(stats.topk_mass),
-                tokens,
-            ]
-        ).double()
-    return loss_sum, tokens.to(torch.int), {"sums": sums}
+        if stats is None:
+            ce = loss_sum.detach() if loss_is_ce else nan
+            sums = torch.stack([loss_sum.detach(), ce, nan, nan, nan, tokens])
+        else:
+            sums = torch.stack(
+                [
+                    loss_sum.detach(),
+                    -masked_sum(stats.target_logprob),
+                    masked_sum(stats.entropy),
+                    masked_sum(stats.target_prob),
+                    masked_sum(stats.topk_mass),
+                    tokens,
+                ]
+            )
+    return loss_sum, tokens.to(torch.int), {"sums": sums.double()}
 
 
 def _forward_step(data_iterator, model: torch.nn.Module):
     batch: MicroBatch = next(data_iterator)
     labels = batch.labels.masked_fill(batch.loss_mask == 0, IGNORE_INDEX)  # [b, s]
     output = model(batch.tokens, batch.position_ids, None, labels=labels)
-    stats = get_attr_wrapped_model(model, "last_loss_stats")
-    return output, partial(_loss_func, batch.loss_mask, stats)
+    inner = unwrap_model(model)
+    loss_is_ce = inner.native_cross_entropy or inner.shaping.is_cross_entropy
+    return output, partial(_loss_func, batch.loss_mask, inner.last_loss_stats, loss_is_ce)
 
 
-class _Trainer:
+class Trainer:
+    """The pieces of a run on this rank: parallel state, model, optimizer, scheduler, data.
+
+    Build it inside `trainer_session(config)`; `run()` trains, `train_step()` and `evaluate()`
+    are the single steps (tools/bench_train.py times them).
+    """
+
     def __init__(self, config: TrainConfig) -> None:
+        """Initialise megatron's parallel state and build everything (process group required)."""
         self.config = config
         cfg, par = config, config.parallel
         self.device = (
@@ -254,8 +269,17 @@ class _Trainer:
         )
         return self._reduce_sums(outputs)
 
-    def train_step(self, batches: list[MicroBatch]) -> tuple[torch.Tensor, float]:
-        """Forward and backward over the micro-batches, optimizer step; token sums, grad norm."""
+    def _set_loss_stats(self, enabled: bool) -> None:
+        unwrap_model(self.model).compute_loss_stats = enabled
+
+    def train_step(
+        self, batches: list[MicroBatch], diagnostics: bool = True
+    ) -> tuple[torch.Tensor, float]:
+        """Forward and backward over the micro-batches, optimizer step; token sums, grad norm.
+
+        diagnostics: compute entropy, p(x) and top-k mass (else they are NaN in the sums).
+        """
+        self._set_loss_stats(diagnostics)
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         sums = self._run_schedule(batches, forward_only=False)
@@ -265,6 +289,7 @@ class _Trainer:
     def evaluate(self) -> dict[str, float]:
         """Metrics on the held-out samples (the same eval_iters global batches every time)."""
         self.model.eval()
+        self._set_loss_stats(True)
         total = torch.zeros(len(LOSS_SUM_FIELDS), dtype=torch.float64)
         with torch.no_grad():
             for i in range(self.config.eval_iters):
@@ -309,6 +334,7 @@ class _Trainer:
         )
 
     def run(self) -> TrainResult:
+        """Resume if configured, train to train_steps, validate, log and save as configured."""
         cfg = self.config
         step, consumed = self._resume()
         start_step = step
@@ -321,7 +347,9 @@ class _Trainer:
                 t0 = time.perf_counter()
                 batches = self.plan.micro_batches(self.train_data, consumed, self.device)
                 lr = self.optimizer.param_groups[0]["lr"]
-                sums, grad_norm = self.train_step(batches)
+                last = step + 1 == cfg.train_steps
+                logged = (step + 1) % cfg.logging.log_interval == 0 or last
+                sums, grad_norm = self.train_step(batches, diagnostics=logged)
                 self.scheduler.step(increment=1)
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
@@ -337,10 +365,9 @@ class _Trainer:
                     tokens_per_s=tokens_per_step / elapsed,
                     consumed_samples=consumed,
                 )
-                last = step == cfg.train_steps
                 if cfg.eval_interval and (step % cfg.eval_interval == 0 or last):
                     record.update(self.evaluate())
-                if step % cfg.logging.log_interval == 0 or last:
+                if logged:
                     self.writer.write(record)
                 records.append(record)
                 save_dir, interval = cfg.checkpoint.save_dir, cfg.checkpoint.save_interval
@@ -363,10 +390,18 @@ def pretrain(config: TrainConfig) -> TrainResult:
     Returns:
         The run's per-step metrics and this rank's sample indices (the same metrics on every rank).
     """
+    with trainer_session(config) as trainer:
+        return trainer.run()
+
+
+@contextlib.contextmanager
+def trainer_session(config: TrainConfig) -> Iterator[Trainer]:
+    """A Trainer for `config` (validated first), with the process group and megatron's parallel
+    state set up around it and torn down after (a process group made by the caller is kept)."""
     config.validate(_world_size())
     owns_group = _init_distributed(config)
     try:
-        return _Trainer(config).run()
+        yield Trainer(config)
     finally:
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()

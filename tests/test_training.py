@@ -119,6 +119,15 @@ def test_batch_and_schedule_errors(data_prefix):
         OptimizerConfig(lr=0.01, min_lr=0.1)
 
 
+def test_transformer_engine_asked_for_without_it(data_prefix):
+    from megatron_ext.models import have_transformer_engine
+
+    if have_transformer_engine():
+        pytest.skip("Transformer Engine is installed here")
+    with pytest.raises(ConfigError, match="Transformer Engine is not installed"):
+        _config(data_prefix, use_transformer_engine=True).validate(1)
+
+
 def test_pretrain_validates_before_any_work(data_prefix, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     config = _config(data_prefix, parallel=ParallelConfig(tensor=3))

@@ -356,6 +356,14 @@ class TrainConfig:
             f"length {decay}",
         )
         need(bool(self.data.paths), "data.paths is empty: give at least one indexed dataset prefix")
+        if self.use_transformer_engine:
+            from megatron_ext.models import have_transformer_engine
+
+            need(
+                have_transformer_engine(),
+                "use_transformer_engine=True, but Transformer Engine is not installed "
+                "(install megatron_ext[te] on a CUDA machine, or use the local spec)",
+            )
         if self.checkpoint.save_interval and not self.checkpoint.save_dir:
             errors.append(
                 f"checkpoint.save_interval={self.checkpoint.save_interval} needs checkpoint.save_dir"

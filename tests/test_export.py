@@ -575,9 +575,10 @@ def synthetic_data(tmp_path_factory) -> str:
     ("model", "parallel"),
     [
         ({"preset": "tiny", "tie_embeddings": True}, {"tensor": 2, "pipeline": 2}),
+        ({"preset": "tiny_moe"}, {"tensor": 2, "pipeline": 2}),
         ({"preset": "tiny_moe"}, {"tensor": 1, "pipeline": 2, "expert": 2}),
     ],
-    ids=["dense-tied-tp2pp2", "moe-pp2ep2"],
+    ids=["dense-tied-tp2pp2", "moe-tp2pp2", "moe-pp2ep2"],
 )
 def test_trained_checkpoint_export(pool4, synthetic_data, input_ids, tmp_path, model, parallel):
     run_dir = tmp_path / "run"

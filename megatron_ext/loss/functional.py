@@ -69,6 +69,18 @@ def _rows_per_chunk(num_rows: int, row_len: int, device: torch.device) -> int:
     return max(1, min(num_rows, budget // max(1, row_len)))
 
 
+def _largest(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest values of each row of x [n, V], descending, and their indices.
+
+    torch.topk for k << V; a full sort when k is a large part of the row, where the CPU top-k
+    is several times slower than sorting.
+    """
+    if 8 * k > x.shape[-1]:
+        values, idx = torch.sort(x, dim=-1, descending=True)
+        return values[:, :k], idx[:, :k]
+    return torch.topk(x, k, dim=-1)
+
+
 @dataclasses.dataclass(frozen=True)
 class ShardPlan:
     """What one call has to compute, fixed by the config, the slice size and the stats request."""
@@ -151,7 +163,7 @@ def shard_statistics(
     if plan.find_topk:
         # One top-k call over all rows: per-chunk calls on a few rows cost several times more.
         if look_beyond:
-            values, idx = torch.topk(logits, kk + 1, dim=-1)  # [N, kk + 1], descending
+            values, idx = _largest(logits, kk + 1)  # [N, kk + 1], descending
             ties_all = values[:, kk] == values[:, kk - 1]  # the kk-th value has an ungathered twin
             values, idx = values[:, :kk], idx[:, :kk]
         else:
@@ -235,7 +247,10 @@ def merge_statistics(
         k = min(config.top_k, vocab_size)
         tp = gathered.shape[0]
         candidates = values.permute(1, 0, 2).reshape(-1, tp * kk)  # [N, tp*kk]
-        tau = torch.topk(candidates, k, dim=-1).values[:, -1]  # [N]
+        if k == candidates.shape[1]:
+            tau = candidates.amin(-1)  # [N] every gathered value is in the set
+        else:
+            tau = _largest(candidates, k)[0][:, -1]  # [N]
         in_head = candidates >= tau.unsqueeze(1)
         e_head = torch.exp(candidates - m.unsqueeze(1)) * in_head
         head_sum = e_head.sum(-1)

@@ -1,0 +1,77 @@
+"""NeMo-Run configurations of megatron_ext.training: recipes, executors, experiments, report.
+
+Kept outside the library (megatron_ext never imports run_configs). Names are imported lazily so
+that `python -m run_configs --help` stays quick.
+
+    from run_configs import tiny_pretrain, paper_pretrain, local_executor, slurm_executor, launch
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "GLOBAL_BATCH_TOKENS": "recipes",
+    "PAPER_LAYOUTS": "recipes",
+    "PAPER_MODELS": "recipes",
+    "PRESETS": "recipes",
+    "PaperLayout": "recipes",
+    "get_recipe": "recipes",
+    "model_config": "recipes",
+    "paper_midtrain": "recipes",
+    "paper_pretrain": "recipes",
+    "pretrain_task": "recipes",
+    "shaping_config": "recipes",
+    "tiny_midtrain": "recipes",
+    "tiny_pretrain": "recipes",
+    "ParallelLayout": "executors",
+    "check_world": "executors",
+    "local_executor": "executors",
+    "slurm_executor": "executors",
+    "use_nemorun_home": "executors",
+    "compare_presets": "experiments",
+    "dryrun": "experiments",
+    "launch": "experiments",
+    "preset_tasks": "experiments",
+    "write_report": "report",
+}
+
+__all__ = [
+    "GLOBAL_BATCH_TOKENS",
+    "PAPER_LAYOUTS",
+    "PAPER_MODELS",
+    "PRESETS",
+    "PaperLayout",
+    "ParallelLayout",
+    "check_world",
+    "compare_presets",
+    "dryrun",
+    "get_recipe",
+    "launch",
+    "local_executor",
+    "model_config",
+    "paper_midtrain",
+    "paper_pretrain",
+    "preset_tasks",
+    "pretrain_task",
+    "shaping_config",
+    "slurm_executor",
+    "tiny_midtrain",
+    "tiny_pretrain",
+    "use_nemorun_home",
+    "write_report",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,320 @@
+"""Command line: `python -m run_configs COMMAND [options] [key=value ...]`.
+
+    python -m run_configs pretrain --recipe tiny --preset precision --executor local --nproc 2 tp=2
+    python -m run_configs pretrain --recipe dense_4b --preset precision --executor slurm \\
+        --account ACC --partition batch --nodes 16 --container-image IMG \\
+        --mount /lustre/data:/data --mount /lustre/results:/results --dryrun
+    python -m run_configs midtrain --recipe dense_4b --preset precision --executor slurm ...
+    python -m run_configs compare --data-dir outputs/corpus --out outputs/compare --steps 200
+    python -m run_configs report outputs/compare/ce outputs/compare/precision --out DIR
+    python -m run_configs recipes
+
+Overrides use NeMo-Run's CLI syntax (nemo_run.cli.cli_parser) on the recipe's run.Config tree:
+any TrainConfig field by its dotted path (`optimizer.lr=1e-4`, `model.num_layers=4`,
+`data.paths=[/d/a,/d/b]`, `train_steps*=2`), short names for the usual ones (tp, pp, ep, steps,
+gbs, mbs, lr, min_lr, seq), and `executor.FIELD=VALUE` for the executor (`executor.time=08:00:00`).
+`--dryrun` validates everything and prints the resolved configuration, the parallel layout and
+what would run (the torchrun command line, or the sbatch script) without running it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+
+def quiet_import_warnings() -> None:
+    """Hide the import-time notices of megatron-core without Apex/Transformer Engine."""
+    for message in (
+        "Transformer Engine and Apex are not installed",
+        "Apex is not installed",
+        "absl.logging is not installed",
+    ):
+        warnings.filterwarnings("ignore", message=message)
+
+
+# -- commands -------------------------------------------------------------------------------------
+
+
+def _corpus_tokens(data_dir: str) -> dict[str, int]:
+    """vocab_size and eod_id from a default-corpus manifest, when there is one."""
+    manifest = Path(data_dir) / "manifest.json"
+    if not manifest.is_file():
+        return {}
+    values = json.loads(manifest.read_text())
+    return {"vocab_size": int(values["vocab_size"]), "eod_id": int(values["eod_id"])}
+
+
+def _ensure_corpus(data_dir: str) -> None:
+    """Build the embedded default corpus in data_dir unless it is there (15-30 s)."""
+    if (Path(data_dir) / "manifest.json").is_file():
+        return
+    from megatron_ext.data import build_default_corpus
+
+    print(f"building the default corpus in {data_dir}", flush=True)
+    build_default_corpus(data_dir)
+
+
+def _recipe(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """The recipe function and its arguments from the command-line options."""
+    from run_configs.recipes import get_recipe
+
+    recipe = get_recipe(args.recipe, args.command)
+    kwargs: dict[str, Any] = {"preset": args.preset}
+    if args.out is not None:
+        kwargs["out_dir"] = args.out
+    if args.recipe == "tiny":
+        kwargs["data_dir"] = args.data_dir
+        kwargs.update(_corpus_tokens(args.data_dir))
+        if args.data:
+            raise ValueError("--data is for the paper recipes; the tiny recipe takes --data-dir")
+    elif args.data:
+        kwargs["data_paths"] = list(args.data)
+    if args.command == "midtrain":
+        if args.recipe == "tiny" and not args.load:
+            raise ValueError("midtrain --recipe tiny needs --load (the pre-training checkpoints)")
+        if args.load:
+            kwargs["load_dir"] = args.load
+    elif args.load:
+        raise ValueError(
+            "--load is for midtrain; pretrain takes checkpoint.load_dir=DIR (the paper recipes "
+            "resume from their own checkpoint folder)"
+        )
+    return recipe, kwargs
+
+
+def _executor(args: argparse.Namespace) -> Any:
+    import nemo_run as run
+
+    from run_configs.executors import local_executor, slurm_executor
+    from run_configs.recipes import PAPER_LAYOUTS
+
+    if args.executor == "local":
+        gpu = None if args.device == "auto" else args.device == "gpu"
+        return local_executor(args.nproc, gpu=gpu)
+    if not args.account:
+        raise ValueError("--executor slurm needs --account")
+    default = PAPER_LAYOUTS.get((args.recipe, args.command))
+    nodes = args.nodes or (default.nodes if default else 1)
+    gpus = args.gpus_per_node or (default.gpus_per_node if default else 1)
+    return slurm_executor(
+        account=args.account,
+        partition=args.partition,
+        nodes=nodes,
+        gpus_per_node=gpus,
+        container_image=args.container_image,
+        container_mounts=args.mount or (),
+        time=args.time,
+        job_dir=args.job_dir,
+        ssh_host=args.ssh_host,
+        ssh_user=args.ssh_user,
+        qos=args.qos,
+        packager=run.Packager() if args.packager == "none" else None,
+    )
+
+
+def _train(args: argparse.Namespace) -> int:
+    import fiddle as fdl
+
+    from megatron_ext.training import config_to_dict
+    from run_configs.executors import (
+        check_world,
+        executor_world_size,
+        override_executor,
+        runs_here,
+        use_nemorun_home,
+    )
+    from run_configs.experiments import dryrun, launch
+    from run_configs.overrides import apply_overrides, split_overrides
+    from run_configs.recipes import pretrain_task
+
+    if args.nemorun_home:
+        use_nemorun_home(args.nemorun_home)
+    if args.recipe == "tiny" and not args.dryrun:
+        _ensure_corpus(args.data_dir)
+    recipe, kwargs = _recipe(args)
+    overrides = split_overrides(args.overrides, recipe)
+    config = apply_overrides(recipe(**kwargs, **overrides.recipe), overrides.config)
+    executor = override_executor(_executor(args), overrides.executor)
+    world = executor_world_size(executor)
+    layout = check_world(config, world, check_environment=runs_here(executor))
+    name = args.name or f"{args.command}-{args.recipe}-{args.preset}"
+    task = pretrain_task(config)
+    print(f"{name}: {type(executor).__name__}, {layout}")
+    if args.dryrun:
+        print("resolved configuration:")
+        print(json.dumps(config_to_dict(fdl.build(config)), indent=2, default=str))
+        result = dryrun({name: task}, executor, name=name, check=False)
+        for job, script in result.scripts.items():
+            where = result.script_paths.get(job)
+            print(f"--- {job}: {'sbatch script ' + where if where else 'command'} ---")
+            print(script)
+        print(f"dry run: nothing was launched (job files in {result.experiment_dir})")
+        return 0
+    outcome = launch(task, executor, name=name, detach=args.detach, check=False)
+    for job, state in outcome.states.items():
+        print(f"{job}: {state}")
+    print(f"experiment {outcome.experiment_id}: {outcome.experiment_dir}")
+    return 0 if outcome.succeeded or args.detach else 1
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from run_configs.executors import local_executor, use_nemorun_home
+    from run_configs.experiments import compare_presets, dryrun, preset_tasks
+
+    if args.nemorun_home:
+        use_nemorun_home(args.nemorun_home)
+    data_dir = args.data_dir
+    if not args.dryrun:
+        _ensure_corpus(data_dir)
+    kwargs: dict[str, Any] = {
+        "data_dir": data_dir,
+        "train_steps": args.steps,
+        "tensor": args.tp,
+        **_corpus_tokens(data_dir),
+    }
+    executor = local_executor(args.nproc, gpu=False if args.device == "cpu" else None)
+    if args.dryrun:
+        tasks = preset_tasks(out_dir=args.out, presets=args.presets, **kwargs)
+        result = dryrun(tasks, executor, name="preset_comparison")
+        for job, script in result.scripts.items():
+            print(f"--- {job} ---\n{script}")
+        return 0
+    outcome = compare_presets(
+        out_dir=args.out,
+        executor=executor,
+        presets=args.presets,
+        tail_logs=args.tail_logs,
+        **kwargs,
+    )
+    for job, state in outcome.states.items():
+        print(f"{job}: {state}")
+    if not outcome.succeeded:
+        print(f"some runs failed; logs under {outcome.experiment_dir}", file=sys.stderr)
+        return 1
+    print((Path(args.out) / "report.md").read_text())
+    print(f"report: {Path(args.out) / 'report.md'}, {Path(args.out) / 'report.png'}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from run_configs.report import write_report
+
+    runs: dict[str, str] = {}
+    for item in args.runs:
+        name, sep, path = item.partition("=")
+        runs[name if sep else Path(item).name] = path if sep else item
+    paths = write_report(runs, args.out)
+    print(paths.table)
+    print(f"report: {paths.markdown}, {paths.plot}")
+    return 0
+
+
+def _recipes(args: argparse.Namespace) -> int:
+    import fiddle as fdl
+
+    from run_configs.recipes import PAPER_LAYOUTS, PAPER_MODELS, PRESETS, get_recipe
+
+    print(f"loss presets: {', '.join(PRESETS)}")
+    print("tiny: 2 layers x 64, embedded default corpus, CPU (pretrain, midtrain)")
+    for model in PAPER_MODELS:
+        for stage in ("pretrain", "midtrain"):
+            cfg = fdl.build(get_recipe(model, stage)())
+            lay = PAPER_LAYOUTS[(model, stage)]
+            dp = lay.world_size // (lay.tensor * lay.pipeline)
+            print(
+                f"{model:>14} {stage:<8}: seq {cfg.model.seq_length}, rope {cfg.model.rope_base:g},"
+                f" {cfg.train_steps} steps x {cfg.global_batch_size} seqs, "
+                f"{lay.nodes} nodes x {lay.gpus_per_node} GPUs, TP={lay.tensor} PP={lay.pipeline} "
+                f"DP={dp} EP={lay.expert}, mbs {cfg.micro_batch_size}"
+            )
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    from run_configs.recipes import PRESETS, RECIPE_NAMES
+
+    p = argparse.ArgumentParser(
+        prog="python -m run_configs",
+        description="NeMo-Run launcher of megatron_ext.training: recipes, executors, experiments.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    for stage in ("pretrain", "midtrain"):
+        s = sub.add_parser(stage, help=f"{stage} with a recipe on an executor")
+        s.add_argument("--recipe", required=True, choices=RECIPE_NAMES)
+        s.add_argument("--preset", default="ce", choices=PRESETS, help="loss preset")
+        s.add_argument("--executor", default="local", choices=("local", "slurm"))
+        s.add_argument("--name", help="experiment/job name")
+        s.add_argument("--out", help="run output folder (checkpoints/, logs/)")
+        s.add_argument("--data-dir", default="outputs/corpus", help="tiny: default-corpus folder")
+        s.add_argument("--data", nargs="+", help="paper recipes: indexed dataset prefixes")
+        s.add_argument("--load", help="midtrain: the pre-training checkpoint folder")
+        s.add_argument("--dryrun", action="store_true", help="validate and print, run nothing")
+        s.add_argument("--detach", action="store_true", help="Slurm: return once submitted")
+        s.add_argument("--nemorun-home", help="NeMo-Run's folder (default $NEMORUN_HOME)")
+        g = s.add_argument_group("local executor")
+        g.add_argument("--nproc", type=int, default=1, help="ranks (torchrun processes)")
+        g.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
+        g = s.add_argument_group("slurm executor")
+        g.add_argument("--account")
+        g.add_argument("--partition")
+        g.add_argument("--nodes", type=int, help="default: the recipe's layout")
+        g.add_argument("--gpus-per-node", type=int, help="default: the recipe's layout (8)")
+        g.add_argument("--container-image")
+        g.add_argument("--mount", action="append", metavar="SRC:DST", help="repeatable")
+        g.add_argument("--time", default="04:00:00")
+        g.add_argument("--qos")
+        g.add_argument("--job-dir", default="/tmp/nemo_run_jobs", help="NeMo-Run files, cluster")
+        g.add_argument("--ssh-host", help="submit through this login node")
+        g.add_argument("--ssh-user")
+        g.add_argument(
+            "--packager",
+            choices=("git", "none"),
+            default="git",
+            help="git: ship this repository's HEAD (git archive); none: the image has the code",
+        )
+        s.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+        s.set_defaults(func=_train)
+
+    c = sub.add_parser("compare", help="the five loss presets side by side on the tiny recipe")
+    c.add_argument("--data-dir", default="outputs/corpus", help="built first if missing")
+    c.add_argument("--out", default="outputs/compare")
+    c.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS)
+    c.add_argument("--steps", type=int, default=200)
+    c.add_argument("--nproc", type=int, default=1)
+    c.add_argument("--tp", type=int, default=1)
+    c.add_argument("--device", choices=("auto", "cpu"), default="cpu")
+    c.add_argument("--tail-logs", action="store_true")
+    c.add_argument("--dryrun", action="store_true")
+    c.add_argument("--nemorun-home")
+    c.set_defaults(func=_compare)
+
+    r = sub.add_parser("report", help="table and plot from runs' metrics.jsonl")
+    r.add_argument("runs", nargs="+", metavar="[NAME=]RUN_DIR")
+    r.add_argument("--out", required=True)
+    r.set_defaults(func=_report)
+
+    sub.add_parser("recipes", help="list the recipes and their layouts").set_defaults(func=_recipes)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `python -m run_configs`."""
+    quiet_import_warnings()
+    from megatron_ext.training import ConfigError
+
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

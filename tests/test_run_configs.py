@@ -1,0 +1,508 @@
+"""run_configs: NeMo-Run recipes, executors, experiments, report and the main job.
+
+Fast checks build every recipe and validate it with the trainer's own rules against its layout,
+materialize the Slurm sbatch script and the local torchrun command without running anything, and
+parse command-line overrides. Slow checks (marked `slow`) launch real torchrun jobs on CPU through
+NeMo-Run's local executor: the main job at TP=2 on a small default corpus (train, export, load the
+export with transformers) and a two-preset experiment with its report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import fiddle as fdl
+import nemo_run as run
+import pytest
+
+from megatron_ext.loss import RewardShapingConfig
+from megatron_ext.training import ConfigError, TrainConfig
+from run_configs.executors import (
+    ParallelLayout,
+    check_world,
+    executor_world_size,
+    local_executor,
+    override_executor,
+    slurm_executor,
+    use_nemorun_home,
+)
+from run_configs.experiments import dryrun, preset_tasks
+from run_configs.overrides import apply_overrides, split_overrides
+from run_configs.recipes import (
+    GLOBAL_BATCH_TOKENS,
+    PAPER_LAYOUTS,
+    PAPER_MODELS,
+    PRESETS,
+    get_recipe,
+    paper_pretrain,
+    pretrain_task,
+    tiny_midtrain,
+    tiny_pretrain,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small default corpus for the runs: ~300 KB of stdlib sources, a 512-token BPE vocabulary.
+CORPUS_BYTES = 300_000
+CORPUS_VOCAB = 512
+
+
+@pytest.fixture(autouse=True)
+def stdin_devnull(monkeypatch):
+    """NeMo-Run packages Slurm jobs with invoke, which reads stdin: pytest's captured stdin
+    raises on read, so give it an empty one."""
+    with open(os.devnull) as devnull:
+        monkeypatch.setattr(sys, "stdin", devnull)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def nemorun_home(tmp_path, monkeypatch):
+    """Every test gets its own NEMORUN_HOME (NeMo-Run's experiment folders)."""
+    monkeypatch.setenv("NEMORUN_HOME", str(tmp_path / "nemo_run"))
+    from nemo_run.config import get_nemorun_home, set_nemorun_home
+
+    before = get_nemorun_home()
+    home = use_nemorun_home(tmp_path / "nemo_run")
+    yield home
+    set_nemorun_home(before)
+
+
+# -- recipes --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "midtrain"])
+@pytest.mark.parametrize("model", PAPER_MODELS)
+def test_paper_recipes_build_and_validate_at_their_layout(model, stage):
+    cfg = fdl.build(get_recipe(model, stage)(preset="precision"))
+    assert isinstance(cfg, TrainConfig)
+    layout = PAPER_LAYOUTS[(model, stage)]
+    world = layout.nodes * layout.gpus_per_node
+
+    # the trainer's own validation: heads, kv groups, FFN, vocabulary, layers, experts, batch
+    derived = check_world(cfg, world)
+    assert derived.world_size == world
+    assert derived.tensor * derived.pipeline * derived.data == world
+    assert (derived.tensor, derived.pipeline, derived.expert) == (
+        layout.tensor,
+        layout.pipeline,
+        layout.expert,
+    )
+    m = cfg.model
+    assert m.num_attention_heads % derived.tensor == 0
+    assert m.num_query_groups % derived.tensor == 0
+    assert m.num_layers % derived.pipeline == 0
+    assert m.padded_vocab_size(derived.tensor) % derived.tensor == 0
+    if m.is_moe:
+        assert m.num_experts % derived.expert == 0 and derived.data % derived.expert == 0
+    micro_batches = cfg.global_batch_size // (cfg.micro_batch_size * derived.data)
+    assert micro_batches * cfg.micro_batch_size * derived.data == cfg.global_batch_size
+
+    # the paper's schedule (setup.md)
+    assert cfg.global_batch_size * m.seq_length == GLOBAL_BATCH_TOKENS == 16_777_216
+    opt = cfg.optimizer
+    assert (opt.lr, opt.min_lr, opt.weight_decay, opt.clip_grad) == (3e-4, 3e-5, 0.1, 1.0)
+    assert cfg.shaping == RewardShapingConfig(beta=-0.25)
+    assert cfg.bf16 and cfg.parallel.distributed_optimizer
+    if stage == "pretrain":
+        assert (m.seq_length, m.rope_base, cfg.global_batch_size) == (4096, 1e4, 4096)
+        assert cfg.train_steps == 29_802  # 500B tokens / 16M
+        assert (opt.warmup_steps, opt.wsd_decay_steps) == (2000, 0)  # stable after warmup
+        assert cfg.checkpoint.load_dir == cfg.checkpoint.save_dir  # resumes when requeued
+        assert cfg.checkpoint.save_dir == f"/results/{model}-precision/checkpoints"
+    else:
+        assert (m.seq_length, m.rope_base, cfg.global_batch_size) == (16_384, 1e6, 1024)
+        assert cfg.train_steps == 5_960  # 100B tokens / 16M
+        assert (opt.warmup_steps, opt.wsd_decay_steps) == (0, 5_960)  # 3e-4 -> 3e-5 throughout
+        assert cfg.checkpoint.load_dir == f"/results/{model}-precision/checkpoints"
+        assert cfg.checkpoint.load_optimizer is False
+        assert cfg.recompute_activations
+
+
+@pytest.mark.parametrize(
+    ("model", "kwargs", "world", "message"),
+    [
+        ("moe_20b_a1b", {"tensor": 8}, 256, "does not divide model.num_query_groups=4"),
+        (
+            "dense_1b",
+            {"pipeline": 3},
+            96,
+            "parallel.pipeline=3 does not divide model.num_layers=28",
+        ),
+        ("moe_5b_a0.3b", {"expert": 3}, 96, "parallel.expert=3 does not divide model.num_experts"),
+        ("dense_4b", {"micro_batch_size": 3}, 128, "global_batch_size=4096 is not divisible"),
+    ],
+)
+def test_paper_recipes_refuse_inconsistent_layouts(model, kwargs, world, message):
+    cfg = paper_pretrain(model, **kwargs)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_world(cfg, world)
+
+
+def test_parallel_layout_is_derived_from_the_world_size():
+    layout = ParallelLayout.derive(4 * 8, tensor=2, pipeline=2, expert=4)
+    assert (layout.tensor, layout.pipeline, layout.data, layout.expert) == (2, 2, 8, 4)
+    assert layout.world_size == 32
+    with pytest.raises(ValueError, match=r"tensor \* pipeline = 3 \* 1 = 3 does not divide"):
+        ParallelLayout.derive(32, tensor=3)
+    with pytest.raises(ValueError, match="expert=3 does not divide the data-parallel size 8"):
+        ParallelLayout.derive(32, tensor=2, pipeline=2, expert=3)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_loss_presets_are_selected_by_name(preset, tmp_path):
+    cfg = fdl.build(tiny_pretrain(preset=preset, data_dir=tmp_path, out_dir=tmp_path / "o"))
+    assert cfg.shaping == RewardShapingConfig.preset(preset)
+    assert cfg.logging.log_dir == str(tmp_path / "o" / "logs")
+    assert cfg.data.paths == (str(tmp_path / "train_text_document"),)
+
+
+def test_unknown_names_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown preset 'sharp'"):
+        tiny_pretrain(preset="sharp", data_dir=tmp_path)
+    with pytest.raises(ValueError, match="unknown paper model 'dense_7b'"):
+        paper_pretrain("dense_7b")
+    with pytest.raises(ValueError, match="unknown recipe 'gpt2'"):
+        get_recipe("gpt2")
+
+
+def test_tiny_recipes_schedule_and_midtrain(tmp_path):
+    cfg = fdl.build(tiny_pretrain(data_dir=tmp_path, train_steps=50, tensor=2))
+    assert (cfg.train_steps, cfg.optimizer.warmup_steps, cfg.optimizer.wsd_decay_steps) == (
+        50,
+        20,
+        10,
+    )
+    check_world(cfg, 2)  # TP=2 on 2 ranks
+    mid = fdl.build(tiny_midtrain(load_dir=tmp_path / "ckpt", data_dir=tmp_path, train_steps=30))
+    assert (mid.model.seq_length, mid.model.rope_base) == (512, 1e6)
+    assert mid.global_batch_size * mid.model.seq_length == cfg.global_batch_size * 128
+    assert (mid.optimizer.warmup_steps, mid.optimizer.wsd_decay_steps) == (0, 30)
+    assert mid.checkpoint.load_dir == str(tmp_path / "ckpt") and not mid.checkpoint.load_optimizer
+
+
+def test_library_never_imports_run_configs():
+    offenders = [
+        str(p.relative_to(REPO))
+        for p in (REPO / "megatron_ext").rglob("*.py")
+        if re.search(r"^\s*(from|import)\s+run_configs\b", p.read_text(), re.MULTILINE)
+    ]
+    assert offenders == []
+
+
+# -- overrides ------------------------------------------------------------------------------------
+
+
+def test_overrides_reach_recipe_arguments_fields_and_the_executor(tmp_path):
+    recipe = get_recipe("tiny")
+    items = [
+        "tp=2",
+        "steps=40",
+        "optimizer.lr=1e-3",
+        "data.paths=[/d/a,/d/b]",
+        "parallel.sequence_parallel=None",
+        "eval_iters*=2",
+        "model.rope_base=1e6",
+        "executor.ntasks_per_node=4",
+    ]
+    ov = split_overrides(items, recipe)
+    assert ov.recipe == {"tensor": 2, "train_steps": 40}
+    assert ov.executor == ["ntasks_per_node=4"]
+    cfg = apply_overrides(recipe(data_dir=tmp_path, **ov.recipe), ov.config)
+    built = fdl.build(cfg)
+    assert built.parallel.tensor == 2
+    assert built.train_steps == 40 and built.optimizer.wsd_decay_steps == 8  # follows the steps
+    assert built.optimizer.lr == 1e-3
+    assert built.data.paths == ("/d/a", "/d/b")
+    assert built.parallel.sequence_parallel is None
+    assert built.eval_iters == 8
+    assert built.model.rope_base == 1e6
+    executor = override_executor(local_executor(2, gpu=False), ov.executor)
+    assert executor.ntasks_per_node == 4 and executor_world_size(executor) == 4
+
+    with pytest.raises(ValueError, match="OptimizerConfig has no field 'learning_rate'"):
+        apply_overrides(recipe(data_dir=tmp_path), ["optimizer.learning_rate=1"])
+    with pytest.raises(ValueError, match="'two' is not an int"):
+        apply_overrides(recipe(data_dir=tmp_path), ["parallel.tensor=two"])
+    with pytest.raises(ValueError, match="is not KEY=VALUE"):
+        split_overrides(["tp"], recipe)
+
+
+# -- executors and dry runs -----------------------------------------------------------------------
+
+
+def _sbatch(tmp_path: Path, nodes: int, gpus: int, tp: int, pp: int, ep: int = 1):
+    executor = slurm_executor(
+        account="acct_llm",
+        partition="batch",
+        nodes=nodes,
+        gpus_per_node=gpus,
+        container_image="nvcr.io/nvidia/pytorch:25.01-py3",
+        container_mounts=["/lustre/data:/data", "/lustre/results:/results"],
+        time="02:30:00",
+        job_dir=str(tmp_path / "cluster_jobs"),
+        packager=run.Packager(),
+    )
+    model = "moe_20b_a1b" if ep > 1 else "dense_4b"
+    config = paper_pretrain(model, preset="precision", tensor=tp, pipeline=pp, expert=ep)
+    result = dryrun({"pretrain": pretrain_task(config)}, executor, name="paper")
+    return result, result.scripts["pretrain"]
+
+
+def test_slurm_dryrun_writes_the_sbatch_script(tmp_path):
+    result, script = _sbatch(tmp_path, nodes=4, gpus=8, tp=2, pp=2)
+    assert Path(result.script_paths["pretrain"]).read_text() == script
+    flags = dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?$", script, re.MULTILINE))
+    assert flags["nodes"] == "4"
+    assert flags["ntasks-per-node"] == "1"  # one torchrun agent per node
+    assert flags["gpus-per-node"] == "8"
+    assert flags["account"] == "acct_llm" and flags["partition"] == "batch"
+    assert flags["time"] == "02:30:00"
+    assert "exclusive" in flags and flags["mem"] == "0"
+
+    srun = next(line for line in script.splitlines() if line.startswith("srun "))
+    args = shlex.split(srun.split(" & ")[0])
+    assert args[args.index("--container-image") + 1] == "nvcr.io/nvidia/pytorch:25.01-py3"
+    mounts = args[args.index("--container-mounts") + 1].split(",")
+    assert {"/lustre/data:/data", "/lustre/results:/results"} <= set(mounts)
+    torchrun = args[args.index("torchrun") :]
+    assert torchrun[torchrun.index("--nnodes") + 1] == "4"
+    assert torchrun[torchrun.index("--nproc-per-node") + 1] == "8"
+    assert torchrun[torchrun.index("--node-rank") + 1] == "$SLURM_NODEID"
+    assert torchrun[torchrun.index("--rdzv-endpoint") + 1].startswith("$head_node_ip:")
+    assert torchrun[torchrun.index("-m") + 1] == "nemo_run.core.runners.fdl_runner"
+    assert "export PYTHONPATH=/nemo_run/code:$PYTHONPATH" in script
+    assert "export CUDA_DEVICE_MAX_CONNECTIONS=1" in script
+
+    # the configuration the ranks will build, as serialized next to the script
+    job_dir = Path(result.experiment_dir) / "pretrain"
+    from nemo_run.core.serialization.zlib_json import ZlibJSONSerializer
+
+    serialized = (job_dir / "configs" / "pretrain_fn_or_script").read_text()
+    assert torchrun[-1] == "/nemo_run/configs/pretrain_fn_or_script"
+    task = ZlibJSONSerializer().deserialize(serialized)
+    built = fdl.build(task.config)
+    assert (built.parallel.tensor, built.parallel.pipeline, built.parallel.expert) == (2, 2, 1)
+    layout = check_world(built, 4 * 8)
+    assert (layout.tensor, layout.pipeline, layout.data) == (2, 2, 8)
+    assert built.shaping.beta == -0.25 and built.model.name == "dense_4b"
+
+
+def test_transformer_engine_is_checked_where_the_ranks_run(tmp_path):
+    from megatron_ext.models import have_transformer_engine
+
+    config = paper_pretrain("dense_1b", use_transformer_engine=True)
+    layout = check_world(config, 64, check_environment=False)  # a Slurm image brings its own TE
+    assert (layout.tensor, layout.data) == (1, 64)
+    if not have_transformer_engine():
+        with pytest.raises(ConfigError, match="Transformer Engine is not installed"):
+            check_world(config, 64)
+
+
+def test_slurm_dryrun_moe_layout_and_refusal(tmp_path):
+    _, script = _sbatch(tmp_path, nodes=8, gpus=4, tp=1, pp=2, ep=16)
+    assert "#SBATCH --nodes=8" in script and "#SBATCH --gpus-per-node=4" in script
+    assert re.search(r"--nnodes 8 --nproc-per-node 4\b", script)
+    # 2 nodes x 8 GPUs = 16 ranks with PP=2 leave DP=8, which EP=16 cannot divide
+    with pytest.raises(ConfigError, match="parallel.expert=16 does not divide the data-parallel"):
+        _sbatch(tmp_path, nodes=2, gpus=8, tp=1, pp=2, ep=16)
+
+
+def test_local_dryrun_is_torchrun_with_nproc_ranks(tmp_path):
+    executor = local_executor(2, gpu=False)
+    assert executor.env_vars["PATH"] == str(Path(sys.executable).parent)
+    assert int(executor.env_vars["OMP_NUM_THREADS"]) >= 1 and executor.ntasks_per_node == 2
+    tasks = preset_tasks(out_dir=tmp_path / "runs", data_dir=tmp_path, tensor=2)
+    assert list(tasks) == list(PRESETS)
+    for preset, task in tasks.items():
+        built = fdl.build(task.config)
+        assert built.shaping == RewardShapingConfig.preset(preset)
+        assert built.logging.log_dir == str(tmp_path / "runs" / preset / "logs")
+    result = dryrun(tasks, executor, name="compare")
+    assert set(result.scripts) == set(PRESETS)
+    command = shlex.split(result.scripts["precision"])
+    torchrun = command[command.index("torchrun") :]
+    assert torchrun[torchrun.index("--nnodes") + 1] == "1"
+    assert torchrun[torchrun.index("--nproc-per-node") + 1] == "2"
+    assert "nemo_run.core.runners.fdl_runner" in torchrun
+
+
+def test_cli_dryrun_prints_the_resolved_run(tmp_path, capsys):
+    env_home = str(tmp_path / "nr")
+    cmd = [
+        sys.executable,
+        "-m",
+        "run_configs",
+        "pretrain",
+        "--recipe",
+        "moe_10b_a0.5b",
+        "--preset",
+        "tail_suppression",
+        "--executor",
+        "slurm",
+        "--account",
+        "acct",
+        "--nodes",
+        "2",
+        "--packager",
+        "none",
+        "--job-dir",
+        str(tmp_path / "jobs"),
+        "--nemorun-home",
+        env_home,
+        "--dryrun",
+        "ep=8",
+        "steps=3000",
+        "optimizer.lr=2e-4",
+        "executor.time=01:00:00",
+    ]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "TP=1 x PP=1 x DP=16 = 16 ranks (EP=8)" in out.stdout
+    resolved = json.loads(
+        out.stdout.split("resolved configuration:\n", 1)[1].split("\n}\n")[0] + "}"
+    )
+    assert resolved["parallel"]["expert"] == 8 and resolved["train_steps"] == 3000
+    assert resolved["optimizer"]["lr"] == 2e-4
+    assert resolved["shaping"] == {
+        "beta": 0.0,
+        "lambda_head": 0.0,
+        "lambda_tail": -0.1,
+        "top_k": 100,
+    }
+    assert "#SBATCH --time=01:00:00" in out.stdout and "#SBATCH --nodes=2" in out.stdout
+
+    from run_configs.cli import main
+
+    assert main([*cmd[3:-4], "tp=3"]) == 2
+    assert (
+        "parallel.tensor=3 does not divide model.num_attention_heads=8" in capsys.readouterr().err
+    )
+
+
+# -- real runs on CPU (torchrun through NeMo-Run's local executor) --------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory):
+    from megatron_ext.data import DefaultCorpusConfig, build_default_corpus
+
+    return build_default_corpus(
+        tmp_path_factory.mktemp("corpus"),
+        DefaultCorpusConfig(vocab_size=CORPUS_VOCAB, max_source_bytes=CORPUS_BYTES),
+    )
+
+
+@pytest.mark.slow
+def test_main_job_trains_at_tp2_through_nemo_run_and_exports(tmp_path, small_corpus):
+    from megatron_ext.export.from_training import resolve_training_checkpoint, training_run_config
+    from run_configs.main_job import run_main_job
+
+    out = tmp_path / "main"
+    summary = run_main_job(
+        out,
+        preset="precision",
+        steps=4,
+        vocab_size=CORPUS_VOCAB,
+        max_source_bytes=CORPUS_BYTES,
+        corpus_dir=small_corpus.out_dir,
+        eval_interval=2,
+        check_tokens=1024,
+    )
+    assert summary["steps"] == 4
+    records = [
+        json.loads(line) for line in (out / "train/logs/metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) for r in records)
+    assert [r["step"] for r in records if "val_ppl" in r] == [2, 4]
+    assert records[0]["ppl"] == pytest.approx(CORPUS_VOCAB, rel=0.25)  # untrained: ~uniform
+
+    stored = training_run_config(resolve_training_checkpoint(out / "train" / "checkpoints"))
+    assert stored["parallel"]["tensor"] == 2 and stored["shaping"]["beta"] == -0.25
+    assert stored["model"]["vocab_size"] == CORPUS_VOCAB
+
+    hf = json.loads((out / "hf" / "config.json").read_text())
+    assert hf["model_type"] == "qwen3"
+    assert (hf["vocab_size"], hf["hidden_size"], hf["num_hidden_layers"]) == (CORPUS_VOCAB, 64, 2)
+    assert (out / "hf" / "tokenizer.json").is_file()
+    assert 1.0 < summary["hf_held_out_ppl"] < 2 * CORPUS_VOCAB
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
+    states = Path(summary["paths"]["nemo_run_experiment"])
+    assert states.is_dir() and states.parent.name == "main_job"
+
+
+@pytest.mark.slow
+def test_preset_experiment_runs_sequentially_and_reports(tmp_path, small_corpus):
+    from run_configs.experiments import compare_presets
+
+    out = tmp_path / "compare"
+    result = compare_presets(
+        out_dir=out,
+        executor=local_executor(1, gpu=False),
+        presets=["ce", "precision"],
+        data_dir=small_corpus.out_dir,
+        vocab_size=CORPUS_VOCAB,
+        train_steps=3,
+        eval_interval=3,
+        eval_iters=1,
+    )
+    assert result.states == {"ce": "SUCCEEDED", "precision": "SUCCEEDED"}
+    table = (out / "report.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    assert [r.split("|")[1].strip() for r in rows] == ["`ce`", "`precision`"]
+    assert [r.split("|")[2].strip() for r in rows] == ["0", "-0.25"]
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summaries = json.loads((out / "report.json").read_text())
+    assert [s["steps"] for s in summaries] == [3, 3]
+    for s in summaries:
+        assert s["val_step"] == 3 and 1.0 < s["val"]["ppl"] < 2 * CORPUS_VOCAB
+        assert 0.0 < s["train"]["entropy"] <= math.log(CORPUS_VOCAB) + 1e-3
+    # same data and seed: the first step's CE is the same, the losses differ by the preset
+    ce, precision = (
+        [json.loads(x) for x in (out / p / "logs/metrics.jsonl").read_text().splitlines()]
+        for p in ("ce", "precision")
+    )
+    assert ce[0]["ce_loss"] == pytest.approx(precision[0]["ce_loss"], rel=1e-5)
+    assert ce[0]["loss"] == pytest.approx(ce[0]["ce_loss"], rel=1e-6)
+    assert precision[0]["loss"] != pytest.approx(precision[0]["ce_loss"], rel=1e-3)
+
+
+def test_report_from_metrics_files(tmp_path):
+    from run_configs.report import write_report
+
+    runs = {}
+    for i, preset in enumerate(PRESETS):
+        path = tmp_path / preset / "logs" / "metrics.jsonl"
+        path.parent.mkdir(parents=True)
+        lines = []
+        for step in range(1, 21):
+            ce = 5.0 - 0.1 * step - 0.01 * i
+            rec = {"step": step, "loss": ce, "ce_loss": ce, "ppl": math.exp(ce)}
+            rec.update(entropy=4.0 - 0.05 * step + 0.1 * i, target_prob=0.1, topk_mass=0.5)
+            if step % 10 == 0:
+                rec.update(val_loss=ce, val_ce_loss=ce + 0.2, val_ppl=math.exp(ce + 0.2))
+                rec.update(val_entropy=3.0 + i, val_target_prob=0.2, val_topk_mass=0.6)
+            lines.append(json.dumps(rec))
+        path.write_text("\n".join(lines) + "\n")
+        runs[preset] = tmp_path / preset
+    paths = write_report(runs, tmp_path / "report")
+    rows = [line for line in paths.table.splitlines() if line.startswith("| `")]
+    assert len(rows) == 5
+    diversity = rows[PRESETS.index("diversity")].split("|")
+    assert diversity[2].strip() == "0.5" and diversity[6].strip() == "20"
+    assert diversity[7].strip() == f"{math.exp(3.0 - 0.02 + 0.2):.2f}"  # val ppl at step 20
+    assert diversity[8].strip() == "5.000"  # val entropy
+    tail = rows[PRESETS.index("tail_suppression")].split("|")
+    assert [c.strip() for c in tail[2:6]] == ["0", "0", "-0.1", "100"]
+    mean_ce = sum(5.0 - 0.1 * s - 0.02 for s in range(11, 21)) / 10
+    assert diversity[12].strip() == f"{math.exp(mean_ce):.2f}"
+    assert paths.plot.read_bytes()[:4] == b"\x89PNG"
+    assert "![perplexity and entropy over steps](report.png)" in paths.markdown.read_text()

@@ -48,9 +48,11 @@ __all__ = [
 STAT_COLUMNS = ("sum_exp", "sum_exp_shifted", "target_logit", "owns_target", "count_ge_kth", "vp")
 _S, _T, _ZX, _OWN, _CNT, _VP = range(len(STAT_COLUMNS))
 
-# Elements per chunk of rows: small enough that a chunk's temporaries stay in a CPU's L2 cache,
-# large enough on a GPU that the per-chunk kernel launches are negligible.
-_CHUNK_ELEMENTS_CPU = 1 << 18
+# The forward reads the logits chunk by chunk so that its one fp32 temporary stays small: at most
+# 1/16 of the logits on CPU (and at most 2**23 elements), 2**25 elements on a GPU. Few, large
+# chunks: on a busy CPU every extra parallel op costs far more than its arithmetic.
+_CHUNK_DIVISOR = 16
+_CHUNK_ELEMENTS_CPU = (1 << 18, 1 << 23)
 _CHUNK_ELEMENTS_GPU = 1 << 25
 
 
@@ -65,7 +67,11 @@ def vocab_range(partition_vocab_size: int, rank: int, world_size: int) -> tuple[
 
 
 def _rows_per_chunk(num_rows: int, row_len: int, device: torch.device) -> int:
-    budget = _CHUNK_ELEMENTS_GPU if device.type == "cuda" else _CHUNK_ELEMENTS_CPU
+    if device.type == "cuda":
+        budget = _CHUNK_ELEMENTS_GPU
+    else:
+        low, high = _CHUNK_ELEMENTS_CPU
+        budget = max(low, min(high, num_rows * row_len // _CHUNK_DIVISOR))
     return max(1, min(num_rows, budget // max(1, row_len)))
 
 
@@ -353,10 +359,7 @@ def shard_gradient_(
         # a * e where e >= 0 (unmarked), b * |e| where e < 0 (marked): a e - (a + b) min(e, 0)
         marked_grad = e.mul(a).sub_(e.clamp_max(0.0).mul_(a + b))
 
-    rows = _rows_per_chunk(n, vp, buf.device)
-    for r0 in range(0, n, rows):
-        r1 = min(n, r0 + rows)
-        buf[r0:r1].mul_(coef_tail[r0:r1])
+    buf.mul_(coef_tail)  # in place, no temporary: one op over the whole slice
     if marked_grad is not None:
         buf.index_copy_(0, marked_rows, marked_grad)
 

@@ -9,10 +9,12 @@
     python -m run_configs report outputs/compare/ce outputs/compare/precision --out DIR
     python -m run_configs recipes
 
-Overrides use NeMo-Run's CLI syntax (nemo_run.cli.cli_parser) on the recipe's run.Config tree:
-any TrainConfig field by its dotted path (`optimizer.lr=1e-4`, `model.num_layers=4`,
-`data.paths=[/d/a,/d/b]`, `train_steps*=2`), short names for the usual ones (tp, pp, ep, steps,
-gbs, mbs, lr, min_lr, seq), and `executor.FIELD=VALUE` for the executor (`executor.time=08:00:00`).
+Overrides use NeMo-Run's CLI syntax (`key=value`, `key*=2`, `key+=1`, `[a,b]`, `None`): a recipe
+argument by name (`train_steps=50`, `tensor=2`, or the short names tp, pp, ep, steps, gbs, mbs,
+lr, min_lr, seq) rebuilds the recipe with it, so values derived from it follow (the decay length
+from the step count); any TrainConfig field by its dotted path (`optimizer.lr=1e-4`,
+`model.num_layers=4`, `data.paths=[/d/a,/d/b]`, `checkpoint.load_dir=DIR`) is set in the built
+run.Config tree as is; `executor.FIELD=VALUE` sets an executor field (`executor.time=08:00:00`).
 `--dryrun` validates everything and prints the resolved configuration, the parallel layout and
 what would run (the torchrun command line, or the sbatch script) without running it.
 """

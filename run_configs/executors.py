@@ -196,6 +196,7 @@ def slurm_executor(
     qos: str | None = None,
     exclusive: bool = True,
     mem: str | None = "0",
+    job_name_prefix: str | None = None,
 ) -> run.SlurmExecutor:
     """A multi-node Slurm job (sbatch + srun; Pyxis containers when container_image is set).
 
@@ -220,6 +221,7 @@ def slurm_executor(
         qos: Slurm QOS (--qos).
         exclusive: whole nodes (--exclusive).
         mem: memory per node (--mem; "0" is all of it; None leaves it out).
+        job_name_prefix: prefix of the Slurm job name (NeMo-Run's default: "<account>-...").
     """
     if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
         raise ValueError(f"nodes must be an int >= 1, got {nodes!r}")
@@ -253,6 +255,7 @@ def slurm_executor(
         qos=qos,
         exclusive=exclusive or None,
         mem=mem,
+        job_name_prefix=job_name_prefix,
         tunnel=tunnel,
         packager=packager if packager is not None else run.GitArchivePackager(),
         launcher="torchrun",

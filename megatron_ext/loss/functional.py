@@ -185,17 +185,18 @@ def shard_statistics(
         block[:, :1] = row_max
     tie_rows: list[torch.Tensor] = []
     rows = _rows_per_chunk(n, vp, logits.device)
+    # One fp32 temporary for every chunk: a fresh large allocation per chunk costs page faults.
+    scratch = torch.empty(rows, vp, dtype=torch.float32, device=logits.device)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
-        z = logits[r0:r1].float()  # [c, Vp], a view when logits are fp32
-        m = row_max[r0:r1]
+        chunk = logits[r0:r1]  # [c, Vp] in the logits' dtype
         ties = ties_all[r0:r1].nonzero().squeeze(1) if any_ties else None  # [t]
         if ties is not None and ties.numel() > 0:
             # [t, Vp] the slice's top-kk and every logit tied with its kk-th value
             kth = block[r0:r1, kk - 1 : kk].index_select(0, ties)
-            candidate = z.index_select(0, ties) >= kth
+            candidate = chunk.index_select(0, ties).float() >= kth
             block[r0 + ties, kk + _CNT] = candidate.sum(-1, dtype=torch.float32)
-        shifted = z - m  # [c, Vp]
+        shifted = torch.sub(chunk, row_max[r0:r1], out=scratch[: r1 - r0])  # [c, Vp] z - m_r
         e = torch.exp(shifted, out=out[r0:r1])  # [c, Vp], over the fp32 logits themselves
         block[r0:r1, kk + _S] = e.sum(-1)
         block[r0:r1, kk + _T] = shifted.mul_(e).sum(-1)

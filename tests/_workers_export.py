@@ -128,22 +128,12 @@ def _save(sharded_state_dict: dict[str, Any], checkpoint_dir: str) -> None:
 
 @contextlib.contextmanager
 def _parallel(tp: int = 1, pp: int = 1, ep: int = 1, seed: int = 0) -> Iterator[None]:
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
     from megatron_ext.core.cpu_compat import install_cpu_compat
+    from megatron_ext.core.parallel import model_parallel
 
     install_cpu_compat()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        expert_model_parallel_size=ep,
-    )
-    try:
-        model_parallel_cuda_manual_seed(seed)
+    with model_parallel(tp, pp, ep, seed=seed):
         yield
-    finally:
-        parallel_state.destroy_model_parallel()
 
 
 def reference_model(

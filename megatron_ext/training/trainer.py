@@ -39,6 +39,7 @@ from megatron.core.transformer.module import Float16Module
 from megatron.core.utils import unwrap_model
 
 from megatron_ext.core import install_cpu_compat
+from megatron_ext.core.parallel import destroy_new_process_groups, process_groups
 from megatron_ext.loss import ShapedLossStats
 from megatron_ext.models import IGNORE_INDEX, build_model, to_transformer_config
 from megatron_ext.training.checkpoint import latest_step, load_checkpoint, save_checkpoint
@@ -400,6 +401,7 @@ def trainer_session(config: TrainConfig) -> Iterator[Trainer]:
     state set up around it and torn down after (a process group made by the caller is kept)."""
     config.validate(_world_size())
     owns_group = _init_distributed(config)
+    groups_before = process_groups()
     try:
         yield Trainer(config)
     finally:
@@ -407,3 +409,5 @@ def trainer_session(config: TrainConfig) -> Iterator[Trainer]:
             parallel_state.destroy_model_parallel()
         if owns_group:
             dist.destroy_process_group()
+        else:
+            destroy_new_process_groups(groups_before)

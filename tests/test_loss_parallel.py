@@ -196,13 +196,7 @@ def worker_megatron_ce(seed: int, vocab: int):
 def test_cross_entropy_config_matches_megatron_core(tp, request):
     pool = request.getfixturevalue(f"pool{tp}") if tp > 1 else None
     if tp == 1:
-        import os
-
-        from tests.distributed import free_port
-
-        if not dist.is_initialized():
-            os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(free_port())
-            dist.init_process_group("gloo", rank=0, world_size=1)
+        request.getfixturevalue("world1")
         per_rank = [worker_megatron_ce(5, 512)]
     else:
         per_rank = pool.run(worker_megatron_ce, 5, 512)

@@ -126,7 +126,6 @@ class _VocabParallelShapedCrossEntropy(torch.autograd.Function):
         _raise_bad_input(merged, gathered, target_1d, vocab_size, ignore_index)
 
         ctx.config, ctx.plan, ctx.vocab_start = config, plan, vocab_start
-        ctx.logits_dtype = logits.dtype
         ctx.save_for_backward(
             logits if buf.data_ptr() == logits.data_ptr() else buf,  # autograd saves no views
             local_max,

@@ -345,6 +345,31 @@ def _steps(tokens: float) -> int:
     return round(tokens / GLOBAL_BATCH_TOKENS)
 
 
+def _paper_optimizer(**schedule: object) -> run.Config[OptimizerConfig]:
+    """The paper's AdamW (weight decay 0.1, clipping 1.0) at peak 3e-4 / final 3e-5."""
+    return run.Config(
+        OptimizerConfig,
+        lr=PEAK_LR,
+        min_lr=FINAL_LR,
+        weight_decay=0.1,
+        clip_grad=1.0,
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        adam_eps=1e-8,
+        **schedule,
+    )
+
+
+def _paper_data(data_paths, data_weights, eod_id: int) -> run.Config[DataConfig]:
+    return run.Config(
+        DataConfig,
+        paths=list(data_paths),
+        weights=list(data_weights) if data_weights is not None else None,
+        split="99,1,0",
+        eod_id=eod_id,
+    )
+
+
 def paper_pretrain(
     model: str,
     *,
@@ -400,25 +425,9 @@ def paper_pretrain(
             expert=expert or layout.expert,
             distributed_optimizer=True,
         ),
-        optimizer=run.Config(
-            OptimizerConfig,
-            lr=PEAK_LR,
-            min_lr=FINAL_LR,
-            warmup_steps=WARMUP_STEPS,
-            wsd_decay_steps=0,  # stable to the end of pre-training; mid-training decays
-            weight_decay=0.1,
-            clip_grad=1.0,
-            adam_beta1=0.9,
-            adam_beta2=0.95,
-            adam_eps=1e-8,
-        ),
-        data=run.Config(
-            DataConfig,
-            paths=list(data_paths),
-            weights=list(data_weights) if data_weights is not None else None,
-            split="99,1,0",
-            eod_id=eod_id,
-        ),
+        # Stable to the end of pre-training; mid-training decays.
+        optimizer=_paper_optimizer(warmup_steps=WARMUP_STEPS, wsd_decay_steps=0),
+        data=_paper_data(data_paths, data_weights, eod_id),
         checkpoint=run.Config(
             CheckpointConfig,
             save_dir=f"{out}/checkpoints",
@@ -496,26 +505,9 @@ def paper_midtrain(
             expert=expert or layout.expert,
             distributed_optimizer=True,
         ),
-        optimizer=run.Config(
-            OptimizerConfig,
-            lr=PEAK_LR,
-            min_lr=FINAL_LR,
-            warmup_steps=0,
-            wsd_decay_steps=steps,  # the whole stage decays 3e-4 -> 3e-5
-            wsd_decay_style="linear",
-            weight_decay=0.1,
-            clip_grad=1.0,
-            adam_beta1=0.9,
-            adam_beta2=0.95,
-            adam_eps=1e-8,
-        ),
-        data=run.Config(
-            DataConfig,
-            paths=list(data_paths),
-            weights=list(data_weights) if data_weights is not None else None,
-            split="99,1,0",
-            eod_id=eod_id,
-        ),
+        # The whole stage decays 3e-4 -> 3e-5.
+        optimizer=_paper_optimizer(warmup_steps=0, wsd_decay_steps=steps, wsd_decay_style="linear"),
+        data=_paper_data(data_paths, data_weights, eod_id),
         checkpoint=run.Config(
             CheckpointConfig,
             save_dir=f"{out}/checkpoints",

@@ -1,5 +1,6 @@
 """Data pipeline: tokenize local jsonl / parquet / text files into megatron-core indexed datasets,
-train byte-level BPE tokenizers offline, and build the embedded default corpus.
+train byte-level BPE tokenizers offline, build the embedded default corpus, and check indexed
+datasets before training.
 
 The names below are imported lazily (megatron-core, `datasets` and `transformers` are slow to
 import), so `import megatron_ext.data` is cheap and `python -m megatron_ext.data.default_corpus`
@@ -30,15 +31,23 @@ if TYPE_CHECKING:
         tokenizer_vocab_size,
         train_bpe_tokenizer,
     )
+    from megatron_ext.data.validate import (
+        IndexedDataSummary,
+        check_indexed_dataset,
+        check_indexed_datasets,
+    )
 
 _EXPORTS = {
     "DataError": "errors",
     "DefaultCorpus": "default_corpus",
     "DefaultCorpusConfig": "default_corpus",
     "HFTokenizerAdapter": "tokenizer",
+    "IndexedDataSummary": "validate",
     "InputSource": "readers",
     "PreprocessResult": "preprocess",
     "build_default_corpus": "default_corpus",
+    "check_indexed_dataset": "validate",
+    "check_indexed_datasets": "validate",
     "check_model_vocab_size": "tokenizer",
     "choose_token_dtype": "preprocess",
     "collect_default_documents": "default_corpus",

@@ -49,7 +49,7 @@ def _non_finite_kinds(block: torch.Tensor) -> list[str]:
     return []
 
 
-def _raise_bad_input(merged, gathered, target, vocab_size, ignore_index) -> None:
+def _raise_bad_input(merged, gathered, target, vocab_size, ignore_index, check_finite) -> None:
     """Every rank sees the same merged flags, so every rank raises: no peer is left waiting."""
     if merged.unequal_slices:
         sizes = [int(v) for v in gathered[:, 0, -1]]
@@ -57,7 +57,7 @@ def _raise_bad_input(merged, gathered, target, vocab_size, ignore_index) -> None
             f"tensor-parallel ranks hold vocabulary slices of different sizes {sizes}; every rank "
             "must hold vocab_size / tp logits (megatron-core pads the vocabulary to make this so)"
         )
-    if bool(merged.non_finite.any()):
+    if check_finite and bool(merged.non_finite.any()):
         pos = int(merged.non_finite.nonzero()[0])
         holders = [
             f"TP rank {r} holds {'/'.join(kinds)}"
@@ -88,6 +88,7 @@ class _VocabParallelShapedCrossEntropy(torch.autograd.Function):
         tp_group: dist.ProcessGroup | None,
         ignore_index: int,
         return_stats: bool,
+        check_finite: bool,
     ):
         if logits.shape[:-1] != target.shape:
             raise ValueError(
@@ -123,7 +124,11 @@ class _VocabParallelShapedCrossEntropy(torch.autograd.Function):
 
         gathered = _all_gather_rows(block, tp_group)  # [tp, N, kk + 6]
         merged = merge_statistics(gathered, valid, config, plan, vocab_size)
-        _raise_bad_input(merged, gathered, target_1d, vocab_size, ignore_index)
+        _raise_bad_input(merged, gathered, target_1d, vocab_size, ignore_index, check_finite)
+        if not check_finite:
+            # The caller detects non-finite losses itself (the trainer skips or stops the step):
+            # make sure every position with a non-finite logit reports a NaN loss.
+            merged.loss.masked_fill_(merged.non_finite, float("nan"))
 
         ctx.config, ctx.plan, ctx.vocab_start = config, plan, vocab_start
         ctx.save_for_backward(
@@ -186,7 +191,7 @@ class _VocabParallelShapedCrossEntropy(torch.autograd.Function):
             plan,
         )
         grad = grad.view(*grad_loss.shape, -1)
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 def vocab_parallel_shaped_cross_entropy(
@@ -196,6 +201,7 @@ def vocab_parallel_shaped_cross_entropy(
     tp_group: dist.ProcessGroup | None,
     ignore_index: int = -100,
     return_stats: bool = False,
+    check_finite: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, ShapedLossStats]:
     """Reward-shaped loss over logits split along the vocabulary across tensor-parallel ranks.
 
@@ -218,16 +224,20 @@ def vocab_parallel_shaped_cross_entropy(
         ignore_index: target value of positions that get zero loss and zero gradient.
         return_stats: also return ShapedLossStats computed from the same sums (top-k mass with
             k = config.top_k; it costs a top-k search when the config itself needs none).
+        check_finite: raise on NaN or infinite logits (the statistics the forward gathers anyway
+            show them, so the check costs nothing); False gives such positions a NaN loss
+            instead, for callers that handle non-finite losses themselves (the trainer).
 
     Returns:
         loss [s, b] fp32 per position; with return_stats, (loss, ShapedLossStats).
 
     Raises:
         ValueError: labels outside the vocabulary, unequal vocabulary slices, top_k larger than
-            the vocabulary, non-finite logits. Raised on every rank of the group alike.
+            the vocabulary, non-finite logits (with check_finite). Raised on every rank of the
+            group alike.
     """
     out = _VocabParallelShapedCrossEntropy.apply(
-        vocab_parallel_logits, target, config, tp_group, ignore_index, return_stats
+        vocab_parallel_logits, target, config, tp_group, ignore_index, return_stats, check_finite
     )
     if not return_stats:
         return out

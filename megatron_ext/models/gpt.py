@@ -150,6 +150,9 @@ class ShapedLossGPTModel(GPTModel):
         self.ignore_index = ignore_index
         self.native_cross_entropy = native_cross_entropy
         self.compute_loss_stats = True
+        # False: NaN or infinite logits give a NaN loss instead of an error (the trainer finds
+        # non-finite losses itself, on every rank at once, and skips or stops the step).
+        self.check_finite_logits = True
         self.last_loss_stats: ShapedLossStats | None = None
 
     def compute_language_model_loss(self, labels: Tensor, logits: Tensor) -> Tensor:
@@ -173,6 +176,7 @@ class ShapedLossGPTModel(GPTModel):
             self.pg_collection.tp,
             ignore_index=self.ignore_index,
             return_stats=self.compute_loss_stats,
+            check_finite=self.check_finite_logits,
         )
         if self.compute_loss_stats:
             loss, stats = out

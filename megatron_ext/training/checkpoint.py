@@ -4,6 +4,13 @@ A checkpoint holds the model and optimizer as sharded tensors (so it can be load
 TP/PP/EP/DP layout), the learning-rate scheduler, the step and the data position (consumed
 samples) as common state, and the RNG states of every rank as a sharded object. Layout on disk:
 `<dir>/iter_0000042/` plus a `<dir>/latest` text file holding the last complete step.
+
+Saves are atomic: every rank writes into `<dir>/iter_0000042.tmp/`, which rank 0 renames to its
+final name only after all ranks finished writing, and only then points `latest` at it (written
+to a temporary file, fsynced, and renamed over the old one). A process killed at any moment of a
+save therefore leaves `latest` naming the previous complete checkpoint; the leftover `.tmp`
+folder is removed by the next save or resume. Weights are checked to be finite before anything is
+written: a checkpoint with NaN or infinite weights is never saved.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import os
 import queue
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +31,28 @@ from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.utils import unwrap_model
 
-__all__ = ["TrainState", "checkpoint_dir", "latest_step", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "CheckpointError",
+    "NonFiniteWeightsError",
+    "TrainState",
+    "checkpoint_dir",
+    "latest_step",
+    "load_checkpoint",
+    "remove_incomplete_checkpoints",
+    "save_checkpoint",
+]
 
 _LATEST = "latest"
+_TMP_SUFFIX = ".tmp"
+_OLD_SUFFIX = ".old"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read, or that belongs to another model."""
+
+
+class NonFiniteWeightsError(RuntimeError):
+    """The weights hold NaN or infinite values; raised instead of saving them."""
 
 
 class TrainState(dict):
@@ -42,7 +69,58 @@ def latest_step(root: str | os.PathLike) -> int | None:
     path = Path(root) / _LATEST
     if not path.exists():
         return None
-    return int(path.read_text().strip())
+    text = path.read_text().strip()
+    try:
+        return int(text)
+    except ValueError:
+        raise CheckpointError(
+            f"{path} holds {text!r}, not a step number; write the step of the checkpoint to "
+            f"resume from into it (folders here: {_step_folders(root) or 'none'})"
+        ) from None
+
+
+def _step_folders(root: str | os.PathLike) -> list[str]:
+    return sorted(p.name for p in Path(root).glob("iter_*") if p.is_dir())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_latest(root: Path, step: int) -> None:
+    """Point `latest` at `step`: write a temporary file, fsync it, rename it over `latest`."""
+    tmp = root / f".{_LATEST}{_TMP_SUFFIX}"
+    with open(tmp, "w") as f:
+        f.write(f"{step}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(root / _LATEST)
+    _fsync_dir(root)
+
+
+def remove_incomplete_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Clean up after interrupted saves under `root`; returns the folders removed.
+
+    Staging folders (`.tmp`) are deleted. A checkpoint moved aside (`.old`) while a save of the
+    same step replaced it is moved back if the replacement never arrived, else deleted. Call it
+    on one rank only, while no save is running.
+    """
+    removed = []
+    for staging in sorted(Path(root).glob(f"iter_*{_TMP_SUFFIX}")):
+        shutil.rmtree(staging, ignore_errors=True)
+        removed.append(staging)
+    for old in sorted(Path(root).glob(f"iter_*{_OLD_SUFFIX}")):
+        final = old.with_name(old.name.removesuffix(_OLD_SUFFIX))
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            removed.append(old)
+        else:
+            old.rename(final)
+    return removed
 
 
 def _layout() -> tuple[int, int, int]:
@@ -177,6 +255,23 @@ def _in_process_writer_queue() -> None:
         filesystem_async._results_queue = queue.Queue()
 
 
+def check_finite_weights(model: torch.nn.Module, what: str) -> None:
+    """Raise NonFiniteWeightsError on every rank when any rank holds a NaN or infinite weight."""
+    bad = torch.zeros(1, dtype=torch.float32, device=next(model.parameters()).device)
+    for param in model.parameters():
+        if not bool(torch.isfinite(param.detach().sum())):
+            bad.fill_(1.0)
+            break
+    flags = [torch.zeros_like(bad) for _ in range(dist.get_world_size())]
+    dist.all_gather(flags, bad)
+    ranks = [r for r, flag in enumerate(flags) if float(flag) > 0]
+    if ranks:
+        raise NonFiniteWeightsError(
+            f"{what}: the weights on rank(s) {ranks} hold NaN or infinite values; nothing was "
+            "written (the last complete checkpoint is kept)"
+        )
+
+
 def save_checkpoint(
     root: str | os.PathLike,
     *,
@@ -187,11 +282,27 @@ def save_checkpoint(
     scheduler: OptimizerParamScheduler,
     distributed_optimizer: bool,
     extra: dict[str, Any] | None = None,
+    keep_last: int = 0,
 ) -> Path:
-    """Save everything a resumed run needs; every rank calls it. Returns the checkpoint folder."""
+    """Save everything a resumed run needs, atomically (see the module docstring); every rank
+    calls it. Returns the checkpoint folder.
+
+    Args:
+        keep_last: after publishing, delete all but the newest `keep_last` checkpoints (0 keeps
+            them all).
+
+    Raises:
+        NonFiniteWeightsError: some rank's weights are not finite (nothing is written).
+    """
+    root = Path(root)
     path = checkpoint_dir(root, step)
+    staging = path.with_name(path.name + _TMP_SUFFIX)
+    check_finite_weights(model, f"checkpoint of step {step}")
     if dist.get_rank() == 0:
-        path.mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True)
+        if staging.exists():  # left by a save that was killed
+            shutil.rmtree(staging)
+        staging.mkdir()
     dist.barrier()
     state = _sharded_state_dict(model, optimizer, distributed_optimizer, False, _rng_state())
     state["scheduler"] = scheduler.state_dict()
@@ -204,14 +315,37 @@ def save_checkpoint(
     if extra:
         state["extra"] = extra
     _in_process_writer_queue()
-    dist_checkpointing.save(state, str(path))
-    dist.barrier()
+    dist_checkpointing.save(state, str(staging))
+    dist.barrier()  # every rank's files are written
     if dist.get_rank() == 0:
-        tmp = Path(root) / f".{_LATEST}.tmp"
-        tmp.write_text(f"{step}\n")
-        tmp.replace(Path(root) / _LATEST)
+        _publish(root, staging, path, step)
+        if keep_last:
+            _prune(root, keep_last, keep=path)
     dist.barrier()
     return path
+
+
+def _publish(root: Path, staging: Path, path: Path, step: int) -> None:
+    """Rename the finished staging folder to its final name, then point `latest` at it."""
+    _fsync_dir(staging)
+    if path.exists():  # the same step saved before (a resumed run redoing it): replace it
+        old = path.with_name(path.name + _OLD_SUFFIX)
+        if old.exists():
+            shutil.rmtree(old)
+        path.rename(old)
+        staging.rename(path)
+        shutil.rmtree(old)
+    else:
+        staging.rename(path)
+    _fsync_dir(root)
+    _write_latest(root, step)
+
+
+def _prune(root: Path, keep_last: int, keep: Path) -> None:
+    folders = sorted(p for p in root.glob("iter_*") if p.is_dir() and p.name[5:].isdigit())
+    for old in folders[:-keep_last]:
+        if old != keep:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _check_optimizer_compatible(saved: dict, distributed_optimizer: bool, path: Path) -> None:
@@ -236,6 +370,42 @@ def _check_optimizer_compatible(saved: dict, distributed_optimizer: bool, path: 
         )
 
 
+# ModelConfig fields that decide the shapes of the weights (the others, e.g. seq_length,
+# rope_base or the MoE aux-loss weight, may change between pre-training and mid-training).
+_ARCHITECTURE_FIELDS = (
+    "vocab_size",
+    "make_vocab_size_divisible_by",
+    "hidden_size",
+    "num_layers",
+    "num_attention_heads",
+    "num_query_groups",
+    "head_dim",
+    "ffn_hidden_size",
+    "tie_embeddings",
+    "num_experts",
+    "moe_ffn_hidden_size",
+    "moe_shared_expert_ffn_hidden_size",
+)
+
+
+def _check_same_architecture(common: dict, model_config: dict[str, Any], path: Path) -> None:
+    saved = (common.get("extra") or {}).get("config", {}).get("model")
+    if saved is None:
+        return  # saved without its configuration: megatron's shape checks are all we have
+    diffs = [
+        f"{name}: checkpoint {saved.get(name)!r}, this run {model_config.get(name)!r}"
+        for name in _ARCHITECTURE_FIELDS
+        if saved.get(name) != model_config.get(name)
+    ]
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {path} is of another model ({saved.get('name')!r}, this run "
+            f"{model_config.get('name')!r}); differing fields:\n  - "
+            + "\n  - ".join(diffs)
+            + "\nuse the model configuration it was trained with, or another checkpoint.load_dir"
+        )
+
+
 def load_checkpoint(
     root: str | os.PathLike,
     *,
@@ -245,12 +415,21 @@ def load_checkpoint(
     distributed_optimizer: bool,
     load_optimizer: bool = True,
     step: int | None = None,
+    model_config: dict[str, Any] | None = None,
 ) -> TrainState:
     """Load the checkpoint of `step` (default: the latest) into the model, and, with
     `load_optimizer`, into the optimizer, scheduler and RNGs. Returns the saved progress.
 
     The model and optimizer may be loaded at another parallel layout than they were saved with
     (megatron reshards); RNG states are restored only when the layout is the same.
+
+    Args:
+        model_config: the ModelConfig fields of the run (dataclasses.asdict); when given, a
+            checkpoint of a model with other weight shapes is refused before anything is read.
+
+    Raises:
+        FileNotFoundError: no checkpoint there.
+        CheckpointError: unreadable checkpoint, or one of another model.
     """
     if step is None:
         step = latest_step(root)
@@ -258,9 +437,20 @@ def load_checkpoint(
             raise FileNotFoundError(f"no checkpoint under {root} (no '{_LATEST}' file)")
     path = checkpoint_dir(root, step)
     if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint folder {path} does not exist")
-    common = dist_checkpointing.load_common_state_dict(str(path))
-    saved = common["train_state"]
+        raise FileNotFoundError(
+            f"checkpoint folder {path} does not exist (folders under {root}: "
+            f"{_step_folders(root) or 'none'}); pass checkpoint.load_step=<one of them>"
+        )
+    try:
+        common = dist_checkpointing.load_common_state_dict(str(path))
+        saved = common["train_state"]
+    except Exception as exc:  # a file missing, truncated or from another program
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}; resume from an earlier "
+            f"step with checkpoint.load_step (folders: {_step_folders(root)})"
+        ) from exc
+    if model_config is not None:
+        _check_same_architecture(common, model_config, path)
     same_layout = tuple(saved["layout"]) == _layout()
     if load_optimizer:
         _check_optimizer_compatible(saved, distributed_optimizer, path)

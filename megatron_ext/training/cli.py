@@ -163,13 +163,34 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `python -m megatron_ext.training`."""
-    args = parse_args(argv)
-    config = config_from_args(args)
-    if args.print_config:
-        print(json.dumps(config_to_dict(config), indent=2))
-        return 0
-    from megatron_ext.training.trainer import pretrain
+    """Entry point of `python -m megatron_ext.training`.
 
-    pretrain(config)
+    Returns 0 when the run finished or stopped on SIGTERM after saving, 1 on a configuration,
+    data, checkpoint or non-finite-loss error (printed as one message, without a traceback, by
+    rank 0: every rank raises the same one).
+    """
+    import os
+    import sys
+
+    from megatron_ext.data.errors import DataError
+    from megatron_ext.training.checkpoint import CheckpointError, NonFiniteWeightsError
+
+    args = parse_args(argv)
+    try:
+        config = config_from_args(args)
+        if args.print_config:
+            print(json.dumps(config_to_dict(config), indent=2))
+            return 0
+        from megatron_ext.training.trainer import NonFiniteError, pretrain
+
+        try:
+            pretrain(config)
+        except (DataError, CheckpointError, NonFiniteError, NonFiniteWeightsError) as exc:
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"error: {exc}", file=sys.stderr, flush=True)
+            return 1
+    except ConfigError as exc:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
     return 0

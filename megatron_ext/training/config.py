@@ -143,6 +143,9 @@ class DataConfig:
     """Seed of megatron's sample shuffling."""
     cache_dir: str | None = None
     """Where megatron caches its dataset indices (None: next to the data)."""
+    scan_token_ids: bool = True
+    """Before training, read every token once to check it is < model.vocab_size (the file
+    headers and sizes are always checked); turn off for huge corpora already checked."""
 
     def __post_init__(self) -> None:
         if isinstance(self.paths, str):
@@ -181,9 +184,15 @@ class CheckpointConfig:
     """Load this step instead of the latest."""
     load_optimizer: bool = True
     """Restore optimizer, scheduler, RNG and data position; False loads the weights only."""
+    keep_last: int = 0
+    """Keep only the newest this many checkpoints in save_dir (0: keep all)."""
+    save_on_sigterm: bool = True
+    """On SIGTERM (Slurm preemption, torchrun shutdown) finish the current step, save a
+    checkpoint and return; needs save_dir."""
 
     def __post_init__(self) -> None:
         _check_int("CheckpointConfig", "save_interval", self.save_interval, 0)
+        _check_int("CheckpointConfig", "keep_last", self.keep_last, 0)
         if self.load_step is not None:
             _check_int("CheckpointConfig", "load_step", self.load_step, 0)
 
@@ -201,6 +210,9 @@ class LoggingConfig:
     """Print a line per logged step."""
     tensorboard: bool = True
     """Write TensorBoard scalars under log_dir."""
+    log_samples: bool = False
+    """Also write samples.jsonl under log_dir: per step, the dataset indices of the global batch
+    and a CRC32 of each data-parallel rank's tokens (to audit the data order across resumes)."""
 
     def __post_init__(self) -> None:
         _check_int("LoggingConfig", "log_interval", self.log_interval, 1)
@@ -247,12 +259,27 @@ class TrainConfig:
     shaping config is ignored and entropy / p(x) / top-k mass are not logged)."""
     backend: str | None = None
     """torch.distributed backend; None: nccl with a GPU, gloo without."""
+    seq_length: int | None = None
+    """Tokens per training sample; None: model.seq_length, which it may not exceed."""
+    on_nonfinite: str = "skip"
+    """A step whose loss or gradients are NaN or infinite on any rank is never applied: 'skip'
+    drops it (its data included) and goes on, 'stop' raises NonFiniteError naming the step and
+    the ranks."""
+    max_consecutive_skips: int = 3
+    """With on_nonfinite='skip', stop as 'stop' does after this many skipped steps in a row."""
 
     def __post_init__(self) -> None:
         owner = "TrainConfig"
         for name in ("train_steps", "global_batch_size", "micro_batch_size", "eval_iters"):
             _check_int(owner, name, getattr(self, name), 1)
         _check_int(owner, "eval_interval", self.eval_interval, 0)
+        _check_int(owner, "max_consecutive_skips", self.max_consecutive_skips, 1)
+        if self.seq_length is not None:
+            _check_int(owner, "seq_length", self.seq_length, 1)
+        if self.on_nonfinite not in ("skip", "stop"):
+            raise ConfigError(
+                f"{owner}.on_nonfinite={self.on_nonfinite!r}; choose 'skip' or 'stop'"
+            )
         if self.backend not in (None, "nccl", "gloo"):
             raise ConfigError(f"{owner}.backend={self.backend!r}; choose nccl, gloo or None")
         if self.shaping.uses_top_k and self.shaping.top_k > self.model.vocab_size:
@@ -260,6 +287,11 @@ class TrainConfig:
                 f"shaping.top_k={self.shaping.top_k} exceeds model.vocab_size="
                 f"{self.model.vocab_size}"
             )
+
+    @property
+    def sequence_length(self) -> int:
+        """Tokens per training sample (seq_length, or model.seq_length when unset)."""
+        return self.seq_length or self.model.seq_length
 
     def data_parallel_size(self, world_size: int) -> int:
         """Data-parallel ranks for this world size."""
@@ -308,11 +340,16 @@ class TrainConfig:
             m.num_layers % pp == 0,
             f"parallel.pipeline={pp} does not divide model.num_layers={m.num_layers}",
         )
+        need(
+            self.sequence_length <= m.seq_length,
+            f"seq_length={self.sequence_length} exceeds the model's maximum sequence length "
+            f"model.seq_length={m.seq_length}; lower seq_length or raise model.seq_length",
+        )
         if p.use_sequence_parallel:
             need(
-                m.seq_length % tp == 0,
-                f"parallel.tensor={tp} does not divide model.seq_length={m.seq_length} "
-                "(sequence parallelism splits the sequence)",
+                self.sequence_length % tp == 0,
+                f"parallel.tensor={tp} does not divide the sequence length "
+                f"{self.sequence_length} (sequence parallelism splits the sequence)",
             )
         if m.is_moe:
             need(
@@ -363,6 +400,10 @@ class TrainConfig:
                 have_transformer_engine(),
                 "use_transformer_engine=True, but Transformer Engine is not installed "
                 "(install megatron_ext[te] on a CUDA machine, or use the local spec)",
+            )
+        if self.checkpoint.keep_last and not self.checkpoint.save_dir:
+            errors.append(
+                f"checkpoint.keep_last={self.checkpoint.keep_last} needs checkpoint.save_dir"
             )
         if self.checkpoint.save_interval and not self.checkpoint.save_dir:
             errors.append(

@@ -46,7 +46,7 @@ def build_datasets(
     blend = (list(data.paths), list(data.weights) if data.weights else None)
     gpt_config = GPTDatasetConfig(
         random_seed=data.seed,
-        sequence_length=model.seq_length,
+        sequence_length=config.sequence_length,
         blend=blend,
         split=data.split,
         path_to_cache=data.cache_dir,

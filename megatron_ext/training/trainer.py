@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import random
+import signal
 import socket
+import threading
 import time
+import zlib
 from collections.abc import Iterator
 from functools import partial
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import torch
@@ -42,12 +46,22 @@ from megatron_ext.core import install_cpu_compat
 from megatron_ext.core.parallel import destroy_new_process_groups, process_groups
 from megatron_ext.loss import ShapedLossStats
 from megatron_ext.models import IGNORE_INDEX, build_model, to_transformer_config
-from megatron_ext.training.checkpoint import latest_step, load_checkpoint, save_checkpoint
+from megatron_ext.training.checkpoint import (
+    latest_step,
+    load_checkpoint,
+    remove_incomplete_checkpoints,
+    save_checkpoint,
+)
 from megatron_ext.training.config import TrainConfig, config_to_dict
 from megatron_ext.training.data import BatchPlan, MicroBatch, build_datasets
 from megatron_ext.training.metrics import LOSS_SUM_FIELDS, MetricsWriter, sums_to_metrics
 
-__all__ = ["TrainResult", "pretrain"]
+__all__ = ["NonFiniteError", "StepResult", "TrainResult", "pretrain"]
+
+
+class NonFiniteError(RuntimeError):
+    """A step's loss or gradients were NaN or infinite and the run stops (on_nonfinite='stop',
+    or more than max_consecutive_skips such steps in a row); raised on every rank alike."""
 
 
 @dataclasses.dataclass
@@ -62,6 +76,55 @@ class TrainResult:
     """Step the run started from (0, or the step of the checkpoint it resumed)."""
     final_step: int
     """Step the run ended at."""
+    skipped_steps: list[int] = dataclasses.field(default_factory=list)
+    """Steps dropped because their loss or gradients were not finite."""
+    stopped_by_signal: bool = False
+    """SIGTERM arrived: the run saved a checkpoint (when save_dir is set) and returned early."""
+
+
+@dataclasses.dataclass
+class StepResult:
+    """What one training step reports on every rank."""
+
+    sums: torch.Tensor
+    """Global token sums, LOSS_SUM_FIELDS order."""
+    grad_norm: float
+    """Gradient norm before clipping (NaN when the step was skipped)."""
+    nonfinite: str | None = None
+    """Which ranks saw a NaN or infinite loss or gradients; None when all were finite."""
+    sigterm: bool = False
+    """Some rank received SIGTERM (the run saves and stops after this step)."""
+
+    @property
+    def skipped(self) -> bool:
+        """Whether the optimizer step was withheld (non-finite loss or gradients)."""
+        return self.nonfinite is not None
+
+
+class _SigtermFlag:
+    """Notes SIGTERM instead of dying of it, while active (main thread only; elsewhere inert)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.received = False
+        self._previous = None
+        self._enabled = enabled and threading.current_thread() is threading.main_thread()
+
+    def _handle(self, signum, frame) -> None:
+        if not self.received:
+            print(
+                f"rank {dist.get_rank()}: SIGTERM received; saving a checkpoint after this step",
+                flush=True,
+            )
+        self.received = True
+
+    def __enter__(self) -> Self:
+        if self._enabled:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._enabled:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def _world_size() -> int:
@@ -87,6 +150,29 @@ def _init_distributed(config: TrainConfig) -> bool:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1")
     dist.init_process_group(backend)
     return True
+
+
+def _check_data(config: TrainConfig) -> None:
+    """Check the data files (headers, sizes and, with data.scan_token_ids, every token id against
+    model.vocab_size) before any model is built. Rank 0 reads them and every rank raises the
+    same DataError, so no rank is left waiting in a collective."""
+    from megatron_ext.data.errors import DataError
+    from megatron_ext.data.validate import check_indexed_datasets
+
+    message = [None]
+    if dist.get_rank() == 0:
+        try:
+            check_indexed_datasets(
+                list(config.data.paths),
+                vocab_size=config.model.vocab_size,
+                scan_tokens=config.data.scan_token_ids,
+                progress=True,
+            )
+        except DataError as exc:
+            message[0] = str(exc)
+    dist.broadcast_object_list(message, src=0)
+    if message[0] is not None:
+        raise DataError(message[0])
 
 
 def _loss_func(
@@ -146,6 +232,7 @@ class Trainer:
         """Initialise megatron's parallel state and build everything (process group required)."""
         self.config = config
         cfg, par = config, config.parallel
+        _check_data(cfg)
         self.device = (
             torch.device("cuda", torch.cuda.current_device())
             if torch.cuda.is_available()
@@ -181,6 +268,7 @@ class Trainer:
             native_cross_entropy=cfg.native_cross_entropy,
         )
         model.to(self.device)
+        model.check_finite_logits = False  # non-finite losses are handled per step, below
         if cfg.bf16:
             model = Float16Module(self.tconfig, model)
         ddp_config = DistributedDataParallelConfig(
@@ -229,6 +317,7 @@ class Trainer:
         self.tconfig.finalize_model_grads_func = finalize_model_grads
         self.tconfig.no_sync_func = self.model.no_sync
         self.forward_backward = get_forward_backward_func()
+        self._sigterm: _SigtermFlag | None = None
 
         self.train_data, self.valid_data = build_datasets(cfg)
         self.plan = BatchPlan(
@@ -246,37 +335,48 @@ class Trainer:
 
     # -- one step ---------------------------------------------------------------------------
 
-    def _reduce_sums(self, outputs: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-        """Global token sums: the last stage's TP-rank-0 ranks hold one copy per DP rank."""
+    def _run_schedule(self, batches: list[MicroBatch], forward_only: bool) -> torch.Tensor:
+        """Run the micro-batches; this rank's token sums (zeros unless it computes the loss)."""
+        outputs = self.forward_backward(
+            forward_step_func=_forward_step,
+            data_iterator=iter(batches),
+            model=[self.model],
+            num_microbatches=len(batches),
+            seq_length=self.config.sequence_length,
+            micro_batch_size=self.config.micro_batch_size,
+            forward_only=forward_only,
+        )
         sums = torch.zeros(len(LOSS_SUM_FIELDS), dtype=torch.float64, device=self.device)
+        # The last stage's TP-rank-0 ranks hold one copy of the sums per DP rank.
         owner = (
             parallel_state.is_pipeline_last_stage()
             and parallel_state.get_tensor_model_parallel_rank() == 0
         )
         if owner and outputs:
             sums = torch.stack([o["sums"] for o in outputs]).sum(0).to(self.device)
-        dist.all_reduce(sums)
-        return sums.cpu()
-
-    def _run_schedule(self, batches: list[MicroBatch], forward_only: bool) -> torch.Tensor:
-        outputs = self.forward_backward(
-            forward_step_func=_forward_step,
-            data_iterator=iter(batches),
-            model=[self.model],
-            num_microbatches=len(batches),
-            seq_length=self.config.model.seq_length,
-            micro_batch_size=self.config.micro_batch_size,
-            forward_only=forward_only,
-        )
-        return self._reduce_sums(outputs)
+        return sums
 
     def _set_loss_stats(self, enabled: bool) -> None:
         unwrap_model(self.model).compute_loss_stats = enabled
 
-    def train_step(
-        self, batches: list[MicroBatch], diagnostics: bool = True
-    ) -> tuple[torch.Tensor, float]:
-        """Forward and backward over the micro-batches, optimizer step; token sums, grad norm.
+    def _grads_finite(self) -> bool:
+        """Whether this rank's reduced gradient buffers are all finite (a sum is NaN or infinite
+        when any element is)."""
+        buffers = [*self.model.buffers, *self.model.expert_parallel_buffers]
+        total = sum(buf.grad_data.sum(dtype=torch.float32) for buf in buffers)
+        return bool(torch.isfinite(torch.as_tensor(total)))
+
+    def _ranks_flagged(self, flags: torch.Tensor) -> list[list[int]]:
+        """Per flag of `flags` (this rank's 0/1 values), the ranks that raised it."""
+        gathered = [torch.zeros_like(flags) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, flags)
+        table = torch.stack(gathered).cpu()  # [world, len(flags)]
+        return [table[:, i].nonzero().flatten().tolist() for i in range(flags.numel())]
+
+    def train_step(self, batches: list[MicroBatch], diagnostics: bool = True) -> StepResult:
+        """Forward and backward over the micro-batches, then the optimizer step, unless some rank
+        saw a non-finite loss or gradient: then the step is withheld (the weights and optimizer
+        state stay as they were) and the result names the ranks.
 
         diagnostics: compute entropy, p(x) and top-k mass (else they are NaN in the sums).
         """
@@ -284,8 +384,32 @@ class Trainer:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         sums = self._run_schedule(batches, forward_only=False)
+        # One all-reduce carries the loss sums and three per-rank flags: non-finite loss here,
+        # non-finite gradients here, SIGTERM received here.
+        flags = torch.tensor(
+            [
+                0.0 if bool(torch.isfinite(sums[0])) else 1.0,
+                0.0 if self._grads_finite() else 1.0,
+                1.0 if self._sigterm is not None and self._sigterm.received else 0.0,
+            ],
+            dtype=torch.float64,
+            device=self.device,
+        )
+        payload = torch.cat([sums, flags])
+        dist.all_reduce(payload)
+        total, counts = payload[: len(LOSS_SUM_FIELDS)].cpu(), payload[len(LOSS_SUM_FIELDS) :]
+        sigterm = bool(counts[2] > 0)
+        if bool(counts[0] > 0) or bool(counts[1] > 0):
+            loss_ranks, grad_ranks = self._ranks_flagged(flags[:2])
+            parts = []
+            if loss_ranks:
+                parts.append(f"non-finite loss on rank(s) {loss_ranks}")
+            if grad_ranks:
+                parts.append(f"non-finite gradients on rank(s) {grad_ranks}")
+            return StepResult(total, float("nan"), "; ".join(parts), sigterm)
         _, grad_norm, _ = self.optimizer.step()
-        return sums, float(grad_norm) if grad_norm is not None else float("nan")
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        return StepResult(total, grad_norm, None, sigterm)
 
     def evaluate(self) -> dict[str, float]:
         """Metrics on the held-out samples (the same eval_iters global batches every time)."""
@@ -297,7 +421,9 @@ class Trainer:
                 batches = self.plan.micro_batches(
                     self.valid_data, i * self.config.global_batch_size, self.device
                 )
-                total += self._run_schedule(batches, forward_only=True)
+                sums = self._run_schedule(batches, forward_only=True)
+                dist.all_reduce(sums)
+                total += sums.cpu()
         self.model.train()
         return sums_to_metrics(total, prefix="val_")
 
@@ -317,6 +443,7 @@ class Trainer:
             distributed_optimizer=self.config.parallel.distributed_optimizer,
             load_optimizer=ckpt.load_optimizer,
             step=ckpt.load_step,
+            model_config=dataclasses.asdict(self.config.model),
         )
         if not ckpt.load_optimizer:
             return 0, 0
@@ -332,53 +459,127 @@ class Trainer:
             scheduler=self.scheduler,
             distributed_optimizer=self.config.parallel.distributed_optimizer,
             extra={"config": config_to_dict(self.config)},
+            keep_last=self.config.checkpoint.keep_last,
         )
 
+    def _clean_save_dir(self) -> None:
+        """Remove what saves killed mid-way left in save_dir (one rank, before anyone reads)."""
+        save_dir = self.config.checkpoint.save_dir
+        if save_dir and dist.get_rank() == 0 and os.path.isdir(save_dir):
+            for path in remove_incomplete_checkpoints(save_dir):
+                print(f"removed the incomplete checkpoint {path}", flush=True)
+        dist.barrier()
+
+    def _sample_log(self, step: int, batches: list[MicroBatch]) -> dict[str, Any] | None:
+        """This step's sample indices and a CRC32 of its tokens, over all data-parallel ranks (in
+        DP-rank order), for rank 0's samples.jsonl."""
+        local = {
+            "indices": [i for b in batches for i in b.sample_indices],
+            "crc32": zlib.crc32(
+                b"".join(b.tokens.cpu().numpy().astype("<i8").tobytes() for b in batches)
+            ),
+        }
+        gathered: list[Any] = [None] * parallel_state.get_data_parallel_world_size()
+        dist.all_gather_object(gathered, local, group=parallel_state.get_data_parallel_group())
+        return {
+            "step": step,
+            "samples": [i for g in gathered for i in g["indices"]],
+            "crc32": [g["crc32"] for g in gathered],
+        }
+
     def run(self) -> TrainResult:
-        """Resume if configured, train to train_steps, validate, log and save as configured."""
+        """Resume if configured, train to train_steps, validate, log and save as configured.
+
+        Non-finite steps are skipped or stop the run (TrainConfig.on_nonfinite). With a save_dir,
+        SIGTERM makes the run finish its step, save and return early (stopped_by_signal).
+        """
         cfg = self.config
+        self._clean_save_dir()
         step, consumed = self._resume()
-        start_step = step
-        records: list[dict[str, Any]] = []
-        indices: dict[int, list[int]] = {}
-        tokens_per_step = cfg.global_batch_size * cfg.model.seq_length
+        result = TrainResult(records=[], sample_indices={}, start_step=step, final_step=step)
+        tokens_per_step = cfg.global_batch_size * cfg.sequence_length
+        save_dir, interval = cfg.checkpoint.save_dir, cfg.checkpoint.save_interval
+        rank0 = dist.get_rank() == 0
+        samples_log = None
+        if cfg.logging.log_samples and cfg.logging.log_dir and rank0:
+            os.makedirs(cfg.logging.log_dir, exist_ok=True)
+            samples_log = open(  # noqa: SIM115 - closed in finally
+                os.path.join(cfg.logging.log_dir, "samples.jsonl"), "a", buffering=1
+            )
+        consecutive_skips = 0
         self.model.train()
+        self._sigterm = _SigtermFlag(bool(save_dir) and cfg.checkpoint.save_on_sigterm)
         try:
-            while step < cfg.train_steps:
-                t0 = time.perf_counter()
-                batches = self.plan.micro_batches(self.train_data, consumed, self.device)
-                lr = self.optimizer.param_groups[0]["lr"]
-                last = step + 1 == cfg.train_steps
-                logged = (step + 1) % cfg.logging.log_interval == 0 or last
-                sums, grad_norm = self.train_step(batches, diagnostics=logged)
-                self.scheduler.step(increment=1)
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                elapsed = time.perf_counter() - t0
-                step += 1
-                indices[step] = [i for b in batches for i in b.sample_indices]
-                consumed += cfg.global_batch_size
-                record: dict[str, Any] = {"step": step, **sums_to_metrics(sums)}
-                record.update(
-                    grad_norm=grad_norm,
-                    lr=lr,
-                    step_time_s=elapsed,
-                    tokens_per_s=tokens_per_step / elapsed,
-                    consumed_samples=consumed,
-                )
-                if cfg.eval_interval and (step % cfg.eval_interval == 0 or last):
-                    record.update(self.evaluate())
-                if logged:
-                    self.writer.write(record)
-                records.append(record)
-                save_dir, interval = cfg.checkpoint.save_dir, cfg.checkpoint.save_interval
-                if save_dir and ((interval and step % interval == 0) or last):
-                    self._save(step, consumed)
+            with self._sigterm:
+                while step < cfg.train_steps:
+                    t0 = time.perf_counter()
+                    batches = self.plan.micro_batches(self.train_data, consumed, self.device)
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    last = step + 1 == cfg.train_steps
+                    logged = (step + 1) % cfg.logging.log_interval == 0 or last
+                    out = self.train_step(batches, diagnostics=logged)
+                    step += 1
+                    if out.skipped:
+                        consecutive_skips += 1
+                        result.skipped_steps.append(step)
+                        message = f"step {step}: {out.nonfinite}"
+                        if cfg.on_nonfinite == "stop":
+                            raise NonFiniteError(
+                                f"{message}; stopping (on_nonfinite='stop'). The weights were not "
+                                "updated; resume from the last checkpoint, e.g. with a lower "
+                                "learning rate or on_nonfinite='skip'"
+                            )
+                        if consecutive_skips > cfg.max_consecutive_skips:
+                            raise NonFiniteError(
+                                f"{message}; {consecutive_skips} steps in a row were not finite "
+                                f"(max_consecutive_skips={cfg.max_consecutive_skips}), stopping. "
+                                "The weights were not updated by any of them; resume from the "
+                                "last checkpoint with a lower learning rate or other data"
+                            )
+                        if rank0:
+                            print(f"{message}; step skipped, its data dropped", flush=True)
+                    else:
+                        consecutive_skips = 0
+                        self.scheduler.step(increment=1)
+                    if torch.cuda.is_available():
+                        torch.cuda.synchronize()
+                    elapsed = time.perf_counter() - t0
+                    result.sample_indices[step] = [i for b in batches for i in b.sample_indices]
+                    if cfg.logging.log_samples and cfg.logging.log_dir:
+                        line = self._sample_log(step, batches)
+                        if samples_log is not None:
+                            samples_log.write(json.dumps(line) + "\n")
+                    consumed += cfg.global_batch_size
+                    record: dict[str, Any] = {"step": step, **sums_to_metrics(out.sums)}
+                    record.update(
+                        grad_norm=out.grad_norm,
+                        lr=lr,
+                        step_time_s=elapsed,
+                        tokens_per_s=tokens_per_step / elapsed,
+                        consumed_samples=consumed,
+                    )
+                    if out.skipped:
+                        record.update(loss=float("nan"), skipped=out.nonfinite)
+                    if cfg.eval_interval and (step % cfg.eval_interval == 0 or last):
+                        record.update(self.evaluate())
+                    if logged or out.skipped:
+                        self.writer.write(record)
+                    result.records.append(record)
+                    if save_dir and ((interval and step % interval == 0) or last or out.sigterm):
+                        self._save(step, consumed)
+                    if out.sigterm:
+                        result.stopped_by_signal = True
+                        if rank0:
+                            where = f"saved to {save_dir}" if save_dir else "not saved"
+                            print(f"SIGTERM: stopped after step {step} ({where})", flush=True)
+                        break
         finally:
+            self._sigterm = None
             self.writer.close()
-        return TrainResult(
-            records=records, sample_indices=indices, start_step=start_step, final_step=step
-        )
+            if samples_log is not None:
+                samples_log.close()
+        result.final_step = step
+        return result
 
 
 def pretrain(config: TrainConfig) -> TrainResult:

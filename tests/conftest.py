@@ -1,6 +1,12 @@
 import pytest
 
+from tests import reliability_report
 from tests.distributed import get_pool, shutdown_pools
+
+# Files whose `reliability` tests write docs/reliability.md; the report is rewritten only when all
+# of them were collected whole and passed.
+RELIABILITY_FILES = ("test_reliability.py", "test_data_validation.py", "test_config_errors.py")
+_reliability = {"collected": set(), "passed": set(), "deselected": False}
 
 
 @pytest.fixture(scope="session")
@@ -15,8 +21,38 @@ def pool4():
     return get_pool(4)
 
 
+def pytest_collection_modifyitems(config, items):
+    names = {item.path.name for item in items}
+    if not set(RELIABILITY_FILES) <= names:
+        _reliability["deselected"] = True
+
+
+def pytest_deselected(items):
+    if any(item.get_closest_marker("reliability") for item in items):
+        _reliability["deselected"] = True
+
+
+def pytest_collection_finish(session):
+    _reliability["collected"] = {
+        item.nodeid for item in session.items if item.get_closest_marker("reliability")
+    }
+
+
+def pytest_runtest_logreport(report):
+    if report.nodeid in _reliability["collected"]:
+        if report.when == "call" and report.passed:
+            _reliability["passed"].add(report.nodeid)
+        elif report.failed:
+            _reliability["passed"].discard(report.nodeid)
+            _reliability["deselected"] = True
+
+
 def pytest_sessionfinish(session, exitstatus):
     shutdown_pools()
+    if reliability_report.write_if_complete(
+        _reliability["collected"], _reliability["passed"], _reliability["deselected"]
+    ):
+        print(f"\nreliability report written to {reliability_report.REPORT}")
 
 
 @pytest.fixture

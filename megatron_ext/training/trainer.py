@@ -508,73 +508,70 @@ class Trainer:
             )
         consecutive_skips = 0
         self.model.train()
-        self._sigterm = _SigtermFlag(bool(save_dir) and cfg.checkpoint.save_on_sigterm)
         try:
-            with self._sigterm:
-                while step < cfg.train_steps:
-                    t0 = time.perf_counter()
-                    batches = self.plan.micro_batches(self.train_data, consumed, self.device)
-                    lr = self.optimizer.param_groups[0]["lr"]
-                    last = step + 1 == cfg.train_steps
-                    logged = (step + 1) % cfg.logging.log_interval == 0 or last
-                    out = self.train_step(batches, diagnostics=logged)
-                    step += 1
-                    if out.skipped:
-                        consecutive_skips += 1
-                        result.skipped_steps.append(step)
-                        message = f"step {step}: {out.nonfinite}"
-                        if cfg.on_nonfinite == "stop":
-                            raise NonFiniteError(
-                                f"{message}; stopping (on_nonfinite='stop'). The weights were not "
-                                "updated; resume from the last checkpoint, e.g. with a lower "
-                                "learning rate or on_nonfinite='skip'"
-                            )
-                        if consecutive_skips > cfg.max_consecutive_skips:
-                            raise NonFiniteError(
-                                f"{message}; {consecutive_skips} steps in a row were not finite "
-                                f"(max_consecutive_skips={cfg.max_consecutive_skips}), stopping. "
-                                "The weights were not updated by any of them; resume from the "
-                                "last checkpoint with a lower learning rate or other data"
-                            )
-                        if rank0:
-                            print(f"{message}; step skipped, its data dropped", flush=True)
-                    else:
-                        consecutive_skips = 0
-                        self.scheduler.step(increment=1)
-                    if torch.cuda.is_available():
-                        torch.cuda.synchronize()
-                    elapsed = time.perf_counter() - t0
-                    result.sample_indices[step] = [i for b in batches for i in b.sample_indices]
-                    if cfg.logging.log_samples and cfg.logging.log_dir:
-                        line = self._sample_log(step, batches)
-                        if samples_log is not None:
-                            samples_log.write(json.dumps(line) + "\n")
-                    consumed += cfg.global_batch_size
-                    record: dict[str, Any] = {"step": step, **sums_to_metrics(out.sums)}
-                    record.update(
-                        grad_norm=out.grad_norm,
-                        lr=lr,
-                        step_time_s=elapsed,
-                        tokens_per_s=tokens_per_step / elapsed,
-                        consumed_samples=consumed,
-                    )
-                    if out.skipped:
-                        record.update(loss=float("nan"), skipped=out.nonfinite)
-                    if cfg.eval_interval and (step % cfg.eval_interval == 0 or last):
-                        record.update(self.evaluate())
-                    if logged or out.skipped:
-                        self.writer.write(record)
-                    result.records.append(record)
-                    if save_dir and ((interval and step % interval == 0) or last or out.sigterm):
-                        self._save(step, consumed)
-                    if out.sigterm:
-                        result.stopped_by_signal = True
-                        if rank0:
-                            where = f"saved to {save_dir}" if save_dir else "not saved"
-                            print(f"SIGTERM: stopped after step {step} ({where})", flush=True)
-                        break
+            while step < cfg.train_steps:
+                t0 = time.perf_counter()
+                batches = self.plan.micro_batches(self.train_data, consumed, self.device)
+                lr = self.optimizer.param_groups[0]["lr"]
+                last = step + 1 == cfg.train_steps
+                logged = (step + 1) % cfg.logging.log_interval == 0 or last
+                out = self.train_step(batches, diagnostics=logged)
+                step += 1
+                if out.skipped:
+                    consecutive_skips += 1
+                    result.skipped_steps.append(step)
+                    message = f"step {step}: {out.nonfinite}"
+                    if cfg.on_nonfinite == "stop":
+                        raise NonFiniteError(
+                            f"{message}; stopping (on_nonfinite='stop'). The weights were not "
+                            "updated; resume from the last checkpoint, e.g. with a lower "
+                            "learning rate or on_nonfinite='skip'"
+                        )
+                    if consecutive_skips > cfg.max_consecutive_skips:
+                        raise NonFiniteError(
+                            f"{message}; {consecutive_skips} steps in a row were not finite "
+                            f"(max_consecutive_skips={cfg.max_consecutive_skips}), stopping. "
+                            "The weights were not updated by any of them; resume from the "
+                            "last checkpoint with a lower learning rate or other data"
+                        )
+                    if rank0:
+                        print(f"{message}; step skipped, its data dropped", flush=True)
+                else:
+                    consecutive_skips = 0
+                    self.scheduler.step(increment=1)
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                elapsed = time.perf_counter() - t0
+                result.sample_indices[step] = [i for b in batches for i in b.sample_indices]
+                if cfg.logging.log_samples and cfg.logging.log_dir:
+                    line = self._sample_log(step, batches)
+                    if samples_log is not None:
+                        samples_log.write(json.dumps(line) + "\n")
+                consumed += cfg.global_batch_size
+                record: dict[str, Any] = {"step": step, **sums_to_metrics(out.sums)}
+                record.update(
+                    grad_norm=out.grad_norm,
+                    lr=lr,
+                    step_time_s=elapsed,
+                    tokens_per_s=tokens_per_step / elapsed,
+                    consumed_samples=consumed,
+                )
+                if out.skipped:
+                    record.update(loss=float("nan"), skipped=out.nonfinite)
+                if cfg.eval_interval and (step % cfg.eval_interval == 0 or last):
+                    record.update(self.evaluate())
+                if logged or out.skipped:
+                    self.writer.write(record)
+                result.records.append(record)
+                if save_dir and ((interval and step % interval == 0) or last or out.sigterm):
+                    self._save(step, consumed)
+                if out.sigterm:
+                    result.stopped_by_signal = True
+                    if rank0:
+                        where = f"saved to {save_dir}" if save_dir else "not saved"
+                        print(f"SIGTERM: stopped after step {step} ({where})", flush=True)
+                    break
         finally:
-            self._sigterm = None
             self.writer.close()
             if samples_log is not None:
                 samples_log.close()
@@ -603,8 +600,14 @@ def trainer_session(config: TrainConfig) -> Iterator[Trainer]:
     config.validate(_world_size())
     owns_group = _init_distributed(config)
     groups_before = process_groups()
+    # SIGTERM is noted from here on, so that one arriving while the run starts up is honoured at
+    # its first step too (only with somewhere to save to).
+    sigterm = _SigtermFlag(bool(config.checkpoint.save_dir) and config.checkpoint.save_on_sigterm)
     try:
-        yield Trainer(config)
+        with sigterm:
+            trainer = Trainer(config)
+            trainer._sigterm = sigterm
+            yield trainer
     finally:
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()

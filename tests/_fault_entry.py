@@ -1,0 +1,67 @@
+"""The trainer's command line with faults injected, for the reliability tests (run by torchrun).
+
+`torchrun ... tests/_fault_entry.py [trainer flags]` runs `python -m megatron_ext.training`, after
+arming the fault named by the environment:
+- FAULT_KILL_IN_WRITE=STEP: rank 1 kills itself (SIGKILL) as it starts writing its shards of the
+  checkpoint of STEP, while rank 0 writes its own;
+- FAULT_KILL_BEFORE_PUBLISH=STEP: rank 0 kills itself once every rank has written the checkpoint
+  of STEP, before it is renamed into place and recorded in `latest`.
+With EXIT_CODE_DIR set, each rank writes the exit code of the command line to EXIT_CODE_DIR/RANK
+(torchrun reports only failures, and its own code when it is signalled).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import types
+
+
+def _kill_self() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _arm() -> None:
+    from megatron.core import dist_checkpointing
+
+    from megatron_ext.training import checkpoint
+
+    rank = int(os.environ.get("RANK", "0"))
+    in_write = os.environ.get("FAULT_KILL_IN_WRITE")
+    if in_write is not None and rank == 1:
+        original_save = dist_checkpointing.save
+
+        def save(state, path, *args, **kwargs):
+            if state["train_state"]["step"] == int(in_write):
+                _kill_self()
+            return original_save(state, path, *args, **kwargs)
+
+        proxy = types.SimpleNamespace(
+            **{n: getattr(dist_checkpointing, n) for n in dir(dist_checkpointing)}
+        )
+        proxy.save = save
+        checkpoint.dist_checkpointing = proxy
+    before_publish = os.environ.get("FAULT_KILL_BEFORE_PUBLISH")
+    if before_publish is not None and rank == 0:
+        original_publish = checkpoint._publish
+
+        def publish(root, staging, path, step):
+            if step == int(before_publish):
+                _kill_self()
+            return original_publish(root, staging, path, step)
+
+        checkpoint._publish = publish
+
+
+if __name__ == "__main__":
+    _arm()
+    from megatron_ext.training.cli import main
+
+    code = main(sys.argv[1:])
+    if "EXIT_CODE_DIR" in os.environ:
+        with open(os.path.join(os.environ["EXIT_CODE_DIR"], os.environ["RANK"]), "w") as f:
+            f.write(str(code))
+    sys.exit(code)

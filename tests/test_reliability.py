@@ -1,0 +1,414 @@
+"""Faults a multi-day run meets, injected into real runs on CPU/gloo, and what survives them.
+
+- NaN loss, NaN gradients and NaN weights (in-process ranks of the test pools): the step is
+  skipped or the run stops naming the step and ranks; a checkpoint with NaN weights is never
+  written.
+- kill -9 of the whole job at random moments, SIGTERM, and a kill in the middle of a checkpoint
+  save (torchrun jobs of two ranks, data parallel with the distributed optimizer): every resumed
+  run must reproduce the uninterrupted run's losses bit for bit and its data order sample for
+  sample.
+
+Every test records what it injected and measured in docs/reliability.md (tests/reliability_report).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_ext.models import model_preset
+from megatron_ext.training import (
+    CheckpointConfig,
+    DataConfig,
+    LoggingConfig,
+    OptimizerConfig,
+    ParallelConfig,
+    TrainConfig,
+)
+from megatron_ext.training.synthetic import write_synthetic_dataset
+from tests import _workers_reliability as w
+from tests.distributed import free_port
+from tests.reliability_report import record
+
+pytestmark = pytest.mark.reliability
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 16
+SAVE_INTERVAL = 4
+
+
+@pytest.fixture(scope="module")
+def data_prefix(tmp_path_factory) -> str:
+    return write_synthetic_dataset(
+        tmp_path_factory.mktemp("data") / "synthetic", vocab_size=256, num_documents=300
+    )
+
+
+# -- non-finite loss, gradients and weights -----------------------------------------------------
+
+
+def _config(data_prefix: str, tmp_path: Path, **overrides) -> TrainConfig:
+    base = {
+        "model": model_preset("tiny"),
+        "data": DataConfig(paths=(data_prefix,), split="90,10,0"),
+        "optimizer": OptimizerConfig(lr=3e-3, min_lr=3e-4, warmup_steps=0),
+        "logging": LoggingConfig(console=False),
+        "checkpoint": CheckpointConfig(save_dir=str(tmp_path / "ckpt"), save_interval=2),
+        "train_steps": 6,
+        "global_batch_size": 8,
+        "micro_batch_size": 2,
+    }
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def test_nonfinite_loss_skips_the_step(pool2, data_prefix, tmp_path):
+    config = _config(data_prefix, tmp_path)  # data parallel: 2 ranks
+    outs = pool2.run(w.train_with_faults, config, [{"kind": "nan_logits", "step": 3, "rank": 1}])
+    for out in outs:
+        assert out["error"] is None, out["error"]
+        assert out["skipped_steps"] == [3]
+        record3 = out["records"][2]
+        assert (
+            record3["skipped"]
+            == "non-finite loss on rank(s) [1]; non-finite gradients on rank(s) [0, 1]"
+        )
+        assert math.isnan(record3["loss"]) and math.isnan(record3["grad_norm"])
+        # the skipped step left the weights as they were; the steps after it trained on
+        assert out["checksums"][3] == out["checksums"][2]
+        assert out["checksums"][4] != out["checksums"][3]
+        later = [r["loss"] for r in out["records"][3:]]
+        assert all(math.isfinite(x) for x in later)
+        assert out["final_step"] == 6
+        # checkpoints of steps 2, 4, 6: none of them holds NaN (the save refuses non-finite
+        # weights, and the skip kept them finite)
+        assert out["save_dir"] == ["iter_0000002", "iter_0000004", "iter_0000006", "latest"]
+    record(
+        "nonfinite",
+        fault="NaN logits at step 3 on rank 1 (DP=2)",
+        policy="skip",
+        detected_at_step=3,
+        ranks_named=outs[0]["records"][2]["skipped"],
+        outcome="step skipped, weights unchanged, run finished 6/6 steps",
+        nan_checkpoints_written=0,
+    )
+
+
+def test_nonfinite_gradients_stop_the_run(pool2, data_prefix, tmp_path):
+    config = _config(
+        data_prefix,
+        tmp_path,
+        parallel=ParallelConfig(tensor=2),
+        on_nonfinite="stop",
+        checkpoint=CheckpointConfig(save_dir=str(tmp_path / "ckpt"), save_interval=1),
+    )
+    outs = pool2.run(w.train_with_faults, config, [{"kind": "nan_grad", "step": 2, "rank": 0}])
+    for out in outs:
+        kind, message = out["error"]
+        assert kind == "NonFiniteError"
+        assert message.startswith("step 2: non-finite gradients on rank(s) [0]; stopping")
+        assert "loss" not in message.split(";")[0]  # the loss itself was finite
+        assert out["checksums"][2] == out["checksums"][1]  # not applied
+        assert out["save_dir"] == ["iter_0000001", "latest"]
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "1"
+    record(
+        "nonfinite",
+        fault="NaN gradient of one weight at step 2 on rank 0 (TP=2)",
+        policy="stop",
+        detected_at_step=2,
+        ranks_named="non-finite gradients on rank(s) [0]",
+        outcome="NonFiniteError on both ranks; last checkpoint step 1",
+        nan_checkpoints_written=0,
+    )
+
+
+def test_repeated_nonfinite_steps_stop_the_run(pool2, data_prefix, tmp_path):
+    config = _config(data_prefix, tmp_path, max_consecutive_skips=2)
+    faults = [{"kind": "nan_logits", "step": s, "rank": 0} for s in range(2, 7)]
+    outs = pool2.run(w.train_with_faults, config, faults)
+    for out in outs:
+        kind, message = out["error"]
+        assert kind == "NonFiniteError"
+        assert message.startswith("step 4: non-finite loss on rank(s) [0]")
+        assert "3 steps in a row were not finite (max_consecutive_skips=2)" in message
+        assert out["checksums"][4] == out["checksums"][1]
+        assert out["save_dir"] == ["iter_0000002", "latest"]
+    record(
+        "nonfinite",
+        fault="NaN logits at every step from step 2 on rank 0",
+        policy="skip, max_consecutive_skips=2",
+        detected_at_step="2, 3, 4",
+        ranks_named="non-finite loss on rank(s) [0]",
+        outcome="steps 2-3 skipped, NonFiniteError at step 4",
+        nan_checkpoints_written=0,
+    )
+
+
+def test_nan_weights_are_never_saved(pool2, data_prefix, tmp_path):
+    config = _config(data_prefix, tmp_path)
+    outs = pool2.run(w.train_with_faults, config, [{"kind": "nan_weight", "step": 4, "rank": 1}])
+    for out in outs:
+        kind, message = out["error"]
+        assert kind == "NonFiniteWeightsError"
+        assert message.startswith(
+            "checkpoint of step 4: the weights on rank(s) [1] hold NaN or infinite values"
+        )
+        assert out["save_dir"] == ["iter_0000002", "latest"]  # no iter_0000004, no staging
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "2"
+    record(
+        "nonfinite",
+        fault="a weight set to NaN after step 4 on rank 1, save due at step 4",
+        policy="skip",
+        detected_at_step=4,
+        ranks_named="weights on rank(s) [1]",
+        outcome="save refused (NonFiniteWeightsError), latest stays at step 2",
+        nan_checkpoints_written=0,
+    )
+
+
+# -- whole-job faults: kill -9, SIGTERM, killed saves ---------------------------------------------
+
+
+class Job:
+    """One torchrun job of two CPU ranks running the trainer's command line (tests/_fault_entry.py
+    adds the faults), in its own process group so that it can be killed whole."""
+
+    def __init__(self, data_prefix: str, root: Path, env: dict[str, str] | None = None) -> None:
+        self.root = root
+        self.log = root / "logs"
+        self.ckpt = root / "ckpt"
+        args = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+            "--master-port", str(free_port()), str(REPO / "tests" / "_fault_entry.py"),
+            "--model", "tiny", "--data-path", data_prefix, "--split", "90,10,0",
+            "--train-steps", str(STEPS), "--global-batch-size", "8", "--micro-batch-size", "2",
+            "--lr", "3e-3", "--min-lr", "3e-4", "--warmup-steps", "0", "--distributed-optimizer",
+            "--save", str(self.ckpt), "--save-interval", str(SAVE_INTERVAL), "--load", str(self.ckpt),
+            "--log-dir", str(self.log), "--set", "logging.log_samples=true",
+            "--set", "logging.tensorboard=false",
+        ]  # fmt: skip
+        self.seen = len(_read_jsonl(self.log / "metrics.jsonl"))  # records of earlier jobs
+        self.output = open(root / "output.txt", "a")  # noqa: SIM115 - closed in wait()
+        self.start = time.monotonic()
+        self.proc = subprocess.Popen(
+            args,
+            cwd=REPO,
+            env={**os.environ, **(env or {}), "PYTHONPATH": str(REPO)},
+            stdout=self.output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def last_step(self) -> int:
+        """The last step this job wrote to metrics.jsonl (0 before its first)."""
+        records = _read_jsonl(self.log / "metrics.jsonl")[self.seen :]
+        return records[-1]["step"] if records else 0
+
+    def resume_step(self) -> int:
+        """The step this job resumes from (its checkpoint's, 0 without one)."""
+        latest = self.ckpt / "latest"
+        return int(latest.read_text()) if latest.exists() else 0
+
+    def wait_for_step(self, step: int, timeout: float = 300) -> bool:
+        """Wait until metrics.jsonl shows `step` or later; False when the job ended first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return False
+            if self.last_step() >= step:
+                return True
+            time.sleep(0.02)
+        raise TimeoutError(f"step {step} not reached in {timeout} s; see {self.root}/output.txt")
+
+    def signal(self, sig: int) -> bool:
+        """Send `sig` to every process of the job; False when it had already ended."""
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            return False
+        return self.proc.poll() is None or self.proc.returncode < 0
+
+    def wait(self, timeout: float = 300) -> int:
+        try:
+            code = self.proc.wait(timeout=timeout)
+        finally:
+            self.output.close()
+        return code
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """The complete records of a JSONL file (a line cut short by a kill is skipped)."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def _final(path: Path) -> dict[int, dict]:
+    """Per step, the record written last (a resumed run rewrites the steps after its checkpoint)."""
+    return {r["step"]: r for r in _read_jsonl(path)}
+
+
+def _run_to_end(data_prefix: str, root: Path) -> None:
+    job = Job(data_prefix, root)
+    code = job.wait()
+    assert code == 0, (root / "output.txt").read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def reference(data_prefix, tmp_path_factory) -> dict[str, dict[int, dict]]:
+    """The uninterrupted run: per step its metrics and its samples."""
+    root = tmp_path_factory.mktemp("reference")
+    _run_to_end(data_prefix, root)
+    metrics = _final(root / "logs" / "metrics.jsonl")
+    samples = _final(root / "logs" / "samples.jsonl")
+    assert sorted(metrics) == list(range(1, STEPS + 1))
+    return {"metrics": metrics, "samples": samples}
+
+
+def _compare(reference: dict, root: Path) -> dict[str, object]:
+    """How a resumed run's surviving trajectory compares with the reference."""
+    metrics = _final(root / "logs" / "metrics.jsonl")
+    samples = _final(root / "logs" / "samples.jsonl")
+    ref_m, ref_s = reference["metrics"], reference["samples"]
+    diffs = [abs(metrics[s]["loss"] - ref_m[s]["loss"]) for s in ref_m if s in metrics]
+    trained = [i for s in sorted(samples) for i in samples[s]["samples"]]
+    expected = [i for s in sorted(ref_s) for i in ref_s[s]["samples"]]
+    return {
+        "steps_compared": len(diffs),
+        "identical": sorted(metrics) == sorted(ref_m)
+        and all(metrics[s]["loss"] == ref_m[s]["loss"] for s in ref_m)
+        and all(metrics[s]["grad_norm"] == ref_m[s]["grad_norm"] for s in ref_m)
+        and all(samples[s] == ref_s[s] for s in ref_s),
+        "samples_lost": len(set(expected) - set(trained)),
+        "samples_repeated": len(trained) - len(set(trained)),
+        "max_loss_diff": max(diffs) if diffs else math.nan,
+    }
+
+
+def test_kill9_at_random_moments_resumes_exactly(data_prefix, reference, tmp_path):
+    """Several trials; in each the job is killed twice (SIGKILL to every process, as when a node
+    dies) at a random moment after a random step, then resumed from its latest checkpoint."""
+    trials, kills_per_trial = 3, 2
+    rng = random.Random(20261123)
+    results, total_kills = [], 0
+    for trial in range(trials):
+        root = tmp_path / f"trial{trial}"
+        root.mkdir()
+        kills = 0
+        while True:
+            job = Job(data_prefix, root)
+            if kills == kills_per_trial:
+                assert job.wait() == 0, (root / "output.txt").read_text()[-3000:]
+                break
+            target = rng.randint(job.resume_step() + 1, STEPS - 1)
+            if job.wait_for_step(target):
+                time.sleep(rng.uniform(0.0, 0.3))  # somewhere inside a step, or a save
+                killed = job.signal(signal.SIGKILL)
+                code = job.wait()
+                if killed and code != 0:
+                    kills += 1
+                    continue
+            assert job.wait() == 0  # the job finished before the kill
+            break
+        total_kills += kills
+        result = _compare(reference, root)
+        assert result["identical"], result
+        assert result["samples_lost"] == 0 and result["samples_repeated"] == 0
+        results.append(result)
+    record(
+        "kill9",
+        run=f"tiny, DP=2, distributed optimizer, {STEPS} steps, save every {SAVE_INTERVAL}",
+        trials=trials,
+        kills=total_kills,
+        identical_trials=sum(r["identical"] for r in results),
+        steps_compared=sum(r["steps_compared"] for r in results),
+        samples_lost=sum(r["samples_lost"] for r in results),
+        samples_repeated=sum(r["samples_repeated"] for r in results),
+        max_loss_diff=max(r["max_loss_diff"] for r in results),
+    )
+
+
+@pytest.mark.parametrize(
+    "fault,env",
+    [
+        ("rank 1 killed as it starts writing step 8", {"FAULT_KILL_IN_WRITE": "8"}),
+        ("rank 0 killed after all wrote step 8, before publishing", {"FAULT_KILL_BEFORE_PUBLISH": "8"}),
+    ],
+)  # fmt: skip
+def test_kill_during_save_keeps_the_previous_checkpoint(
+    data_prefix, reference, tmp_path, fault, env
+):
+    job = Job(data_prefix, tmp_path, env)
+    code = job.wait()
+    assert code != 0  # the job died
+    ckpt = tmp_path / "ckpt"
+    assert (ckpt / "latest").read_text().strip() == "4"
+    assert (ckpt / "iter_0000004").is_dir()
+    assert not (ckpt / "iter_0000008").exists()  # the partial save was never published
+    partial = (ckpt / "iter_0000008.tmp").exists()
+    _run_to_end(data_prefix, tmp_path)  # resumes from step 4
+    output = (tmp_path / "output.txt").read_text()
+    if partial:
+        assert "removed the incomplete checkpoint" in output
+    assert not list(ckpt.glob("*.tmp"))
+    result = _compare(reference, tmp_path)
+    assert result["identical"], result
+    assert result["samples_lost"] == 0 and result["samples_repeated"] == 0
+    record(
+        "kill_during_save",
+        fault=fault,
+        previous_checkpoint_usable="yes (latest = 4)",
+        resumed_from=4,
+        losses_identical=result["identical"],
+        partial_left_published="no" + (" (staging folder removed on resume)" if partial else ""),
+    )
+
+
+def test_sigterm_saves_and_exits_then_resumes_exactly(data_prefix, reference, tmp_path):
+    """SIGTERM to every process of the job (what Slurm does before preemption): the ranks finish
+    their step, save, and exit; the resumed run matches the uninterrupted one. torchrun's agent,
+    signalled itself, forwards SIGTERM to the ranks, waits for them and exits with 1."""
+    codes = tmp_path / "exit_codes"
+    codes.mkdir()
+    job = Job(data_prefix, tmp_path, {"EXIT_CODE_DIR": str(codes)})
+    signal_step = 6
+    assert job.wait_for_step(signal_step)
+    sent = time.monotonic()
+    job.signal(signal.SIGTERM)
+    code = job.wait(timeout=120)
+    seconds = time.monotonic() - sent
+    output = (tmp_path / "output.txt").read_text()
+    saved = (tmp_path / "ckpt" / "latest").read_text().strip()
+    assert f"SIGTERM: stopped after step {saved} (saved to" in output, output[-3000:]
+    assert signal_step <= int(saved) < STEPS
+    assert (tmp_path / "ckpt" / f"iter_{int(saved):07d}").is_dir()
+    assert seconds < 60
+    rank_codes = [int((codes / str(r)).read_text()) for r in range(2)]
+    assert rank_codes == [0, 0]  # both ranks returned normally
+    _run_to_end(data_prefix, tmp_path)
+    result = _compare(reference, tmp_path)
+    assert result["identical"], result
+    record(
+        "sigterm",
+        run=f"tiny, DP=2, distributed optimizer, torchrun, save every {SAVE_INTERVAL}",
+        signal_at_step=signal_step,
+        saved_step=int(saved),
+        exit_code=f"ranks {rank_codes}, torchrun {code}",
+        seconds_to_exit=seconds,
+        resumed_identical=result["identical"],
+    )

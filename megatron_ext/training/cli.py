@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import tomllib
 from pathlib import Path
 from typing import Any
 
-from megatron_ext.training.config import ConfigError, TrainConfig, config_from_dict, config_to_dict
+from megatron_ext.training.config import (
+    ConfigError,
+    TrainConfig,
+    config_from_dict,
+    config_to_dict,
+    read_config_file,
+)
 
 __all__ = ["config_from_args", "main", "parse_args"]
 
@@ -124,13 +129,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig from a config file (optional) and the flags."""
     values: dict[str, Any] = {}
     if args.config is not None:
-        text = args.config.read_text()
-        if args.config.suffix == ".toml":
-            values = tomllib.loads(text)
-        elif args.config.suffix == ".json":
-            values = json.loads(text)
-        else:
-            raise ConfigError(f"--config {args.config} must be a .json or .toml file")
+        values = read_config_file(args.config)
     if args.model is not None:
         model = values.get("model")
         if isinstance(model, dict):
@@ -185,7 +184,13 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             pretrain(config)
-        except (DataError, CheckpointError, NonFiniteError, NonFiniteWeightsError) as exc:
+        except (
+            DataError,
+            CheckpointError,
+            NonFiniteError,
+            NonFiniteWeightsError,
+            FileNotFoundError,  # checkpoint.load_dir/load_step naming no checkpoint
+        ) as exc:
             if int(os.environ.get("RANK", "0")) == 0:
                 print(f"error: {exc}", file=sys.stderr, flush=True)
             return 1

@@ -28,6 +28,7 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "load_config",
+    "read_config_file",
 ]
 
 
@@ -40,6 +41,13 @@ def _check_int(owner: str, name: str, value: object, minimum: int) -> None:
         raise ConfigError(f"{owner}.{name} must be an int, got {value!r}")
     if value < minimum:
         raise ConfigError(f"{owner}.{name} must be >= {minimum}, got {value!r}")
+
+
+def _divisors(n: int) -> str:
+    """The divisors of n, smallest first, as text for an error message ("1, 2, 4")."""
+    small = [d for d in range(1, int(n**0.5) + 1) if n % d == 0]
+    large = [n // d for d in reversed(small) if d * d != n]
+    return ", ".join(str(d) for d in small + large)
 
 
 def _check_float(owner: str, name: str, value: object, minimum: float = 0.0) -> None:
@@ -154,7 +162,12 @@ class DataConfig:
             )
         object.__setattr__(self, "paths", tuple(str(p) for p in self.paths))
         if self.weights is not None:
-            object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+            try:
+                object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    f"DataConfig.weights must be numbers, got {self.weights!r}"
+                ) from None
             if len(self.weights) != len(self.paths):
                 raise ConfigError(
                     f"DataConfig.weights has {len(self.weights)} entries for "
@@ -285,7 +298,7 @@ class TrainConfig:
         if self.shaping.uses_top_k and self.shaping.top_k > self.model.vocab_size:
             raise ConfigError(
                 f"shaping.top_k={self.shaping.top_k} exceeds model.vocab_size="
-                f"{self.model.vocab_size}"
+                f"{self.model.vocab_size}; use a top_k of at most {self.model.vocab_size}"
             )
 
     @property
@@ -315,20 +328,22 @@ class TrainConfig:
         need(
             world_size % (tp * pp) == 0,
             f"world_size={world_size} is not divisible by parallel.tensor * parallel.pipeline"
-            f" = {tp} * {pp} = {tp * pp}",
+            f" = {tp} * {pp} = {tp * pp}; launch a multiple of {tp * pp} ranks, or change them",
         )
         need(
             m.num_attention_heads % tp == 0,
             f"parallel.tensor={tp} does not divide model.num_attention_heads="
-            f"{m.num_attention_heads}",
+            f"{m.num_attention_heads} (sizes that do: {_divisors(m.num_attention_heads)})",
         )
         need(
             m.num_query_groups % tp == 0,
-            f"parallel.tensor={tp} does not divide model.num_query_groups={m.num_query_groups}",
+            f"parallel.tensor={tp} does not divide model.num_query_groups={m.num_query_groups}"
+            f" (sizes that do: {_divisors(m.num_query_groups)})",
         )
         need(
             m.ffn_hidden_size % tp == 0,
-            f"parallel.tensor={tp} does not divide model.ffn_hidden_size={m.ffn_hidden_size}",
+            f"parallel.tensor={tp} does not divide model.ffn_hidden_size={m.ffn_hidden_size}"
+            f" (sizes that do: {_divisors(m.ffn_hidden_size)})",
         )
         padded_vocab = m.padded_vocab_size(tp)
         need(
@@ -338,7 +353,8 @@ class TrainConfig:
         )
         need(
             m.num_layers % pp == 0,
-            f"parallel.pipeline={pp} does not divide model.num_layers={m.num_layers}",
+            f"parallel.pipeline={pp} does not divide model.num_layers={m.num_layers}"
+            f" (sizes that do: {_divisors(m.num_layers)})",
         )
         need(
             self.sequence_length <= m.seq_length,
@@ -349,17 +365,19 @@ class TrainConfig:
             need(
                 self.sequence_length % tp == 0,
                 f"parallel.tensor={tp} does not divide the sequence length "
-                f"{self.sequence_length} (sequence parallelism splits the sequence)",
+                f"{self.sequence_length} (sequence parallelism splits the sequence); use a "
+                f"seq_length that is a multiple of {tp}",
             )
         if m.is_moe:
             need(
                 m.num_experts % ep == 0,
-                f"parallel.expert={ep} does not divide model.num_experts={m.num_experts}",
+                f"parallel.expert={ep} does not divide model.num_experts={m.num_experts}"
+                f" (sizes that do: {_divisors(m.num_experts)})",
             )
             need(
                 m.moe_ffn_hidden_size % tp == 0,
                 f"parallel.tensor={tp} does not divide model.moe_ffn_hidden_size="
-                f"{m.moe_ffn_hidden_size}",
+                f"{m.moe_ffn_hidden_size} (sizes that do: {_divisors(m.moe_ffn_hidden_size)})",
             )
             if tp > 1:
                 need(
@@ -374,12 +392,17 @@ class TrainConfig:
             need(
                 dp % ep == 0,
                 f"parallel.expert={ep} does not divide the data-parallel size {dp} "
-                f"(world_size={world_size} / (tensor={tp} * pipeline={pp}))",
+                f"(world_size={world_size} / (tensor={tp} * pipeline={pp})); sizes that do: "
+                f"{_divisors(dp)}",
             )
+            step = self.micro_batch_size * dp
+            below = self.global_batch_size // step * step
             need(
-                self.global_batch_size % (self.micro_batch_size * dp) == 0,
+                self.global_batch_size % step == 0,
                 f"global_batch_size={self.global_batch_size} is not divisible by "
-                f"micro_batch_size * data-parallel size = {self.micro_batch_size} * {dp}",
+                f"micro_batch_size * data-parallel size = {self.micro_batch_size} * {dp} = "
+                f"{step}; use a multiple of {step}, e.g. "
+                + (f"{below} or {below + step}" if below else f"{step}"),
             )
         decay = self.optimizer.decay_steps or self.train_steps
         need(
@@ -423,11 +446,21 @@ _SECTIONS: dict[str, type] = {
 }
 
 
-def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+def _check_fields(cls: type, values: dict[str, Any], where: str) -> None:
+    """Refuse fields `cls` does not have, and non-booleans for its boolean fields (a string such
+    as "false" would otherwise be taken as true)."""
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"unknown field(s) {unknown} in {where}; known: {sorted(known)}")
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if hints.get(key) in (bool, bool | None) and not isinstance(value, bool | None):
+            raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    _check_fields(cls, values, where)
     hints = typing.get_type_hints(cls)
     converted = {}
     for key, value in values.items():
@@ -451,10 +484,11 @@ def config_from_dict(values: dict[str, Any]) -> TrainConfig:
         raise ConfigError("the configuration has no 'model' (a preset name or a table)")
     model = values.pop("model")
     if isinstance(model, str):
-        model_cfg = model_preset(model)
-    elif isinstance(model, dict):
+        model = {"preset": model}
+    if isinstance(model, dict):
         model = dict(model)
         preset = model.pop("preset", None)
+        _check_fields(ModelConfig, model, "model")
         try:
             model_cfg = model_preset(preset, **model) if preset else ModelConfig(**model)
         except (TypeError, ValueError) as exc:
@@ -469,7 +503,10 @@ def config_from_dict(values: dict[str, Any]) -> TrainConfig:
         if cls is None or isinstance(value, cls):
             kwargs[key] = value
         elif key == "shaping" and isinstance(value, str):
-            kwargs[key] = RewardShapingConfig.preset(value)
+            try:
+                kwargs[key] = RewardShapingConfig.preset(value)
+            except ValueError as exc:
+                raise ConfigError(f"shaping: {exc}") from None
         elif isinstance(value, dict):
             kwargs[key] = _build(cls, value, key)
         else:
@@ -485,13 +522,26 @@ def config_to_dict(config: TrainConfig) -> dict[str, Any]:
     return out
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The plain values of a .json or .toml config file; ConfigError naming the file (and the
+    line of a syntax error) when it cannot be read."""
+    path = Path(path)
+    if path.suffix not in (".json", ".toml"):
+        raise ConfigError(f"config file {path} must be .json or .toml")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise ConfigError(f"cannot read config file {path}: {reason}") from None
+    try:
+        values = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except ValueError as exc:  # TOMLDecodeError and JSONDecodeError give the line and column
+        raise ConfigError(f"config file {path} is not valid {path.suffix[1:]}: {exc}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a table of fields, got {values!r}")
+    return values
+
+
 def load_config(path: str | Path) -> TrainConfig:
     """A TrainConfig from a .json or .toml file."""
-    path = Path(path)
-    if path.suffix == ".toml":
-        values = tomllib.loads(path.read_text())
-    elif path.suffix == ".json":
-        values = json.loads(path.read_text())
-    else:
-        raise ConfigError(f"config file {path} must be .json or .toml")
-    return config_from_dict(values)
+    return config_from_dict(read_config_file(path))

@@ -197,6 +197,7 @@ def slurm_executor(
     exclusive: bool = True,
     mem: str | None = "0",
     job_name_prefix: str | None = None,
+    signal: str | None = "TERM@120",
 ) -> run.SlurmExecutor:
     """A multi-node Slurm job (sbatch + srun; Pyxis containers when container_image is set).
 
@@ -222,6 +223,9 @@ def slurm_executor(
         exclusive: whole nodes (--exclusive).
         mem: memory per node (--mem; "0" is all of it; None leaves it out).
         job_name_prefix: prefix of the Slurm job name (NeMo-Run's default: "<account>-...").
+        signal: --signal; the default sends SIGTERM to every rank 120 s before the time limit,
+            so the trainer saves a checkpoint and exits before Slurm kills the job (None: only
+            Slurm's own SIGTERM, KillWait seconds before SIGKILL).
     """
     if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
         raise ValueError(f"nodes must be an int >= 1, got {nodes!r}")
@@ -256,6 +260,7 @@ def slurm_executor(
         exclusive=exclusive or None,
         mem=mem,
         job_name_prefix=job_name_prefix,
+        signal=signal,
         tunnel=tunnel,
         packager=packager if packager is not None else run.GitArchivePackager(),
         launcher="torchrun",

@@ -266,6 +266,7 @@ def test_slurm_dryrun_writes_the_sbatch_script(tmp_path):
     assert flags["account"] == "acct_llm" and flags["partition"] == "batch"
     assert flags["time"] == "02:30:00"
     assert "exclusive" in flags and flags["mem"] == "0"
+    assert flags["signal"] == "TERM@120"  # the trainer saves and exits before the time limit
 
     srun = next(line for line in script.splitlines() if line.startswith("srun "))
     args = shlex.split(srun.split(" & ")[0])

@@ -489,6 +489,27 @@ def test_resume_refuses_another_model(pool2, data_prefix, trained_tiny, changes)
     _record(f"resume tiny's checkpoint with {field}={value}: 2 ranks", message)
 
 
+def test_resume_refuses_other_optimizer_state(pool2, data_prefix, trained_tiny):
+    """The checkpoint holds non-distributed optimizer state; a run with the distributed optimizer
+    cannot take it: CheckpointError on every rank naming the setting and the fix."""
+    config = _config(
+        data_prefix,
+        train_steps=3,
+        parallel=ParallelConfig(distributed_optimizer=True),
+        checkpoint=CheckpointConfig(load_dir=trained_tiny),
+    )
+    outcomes = pool2.run(w.pretrain_outcome, config)
+    message = _same_error_on_every_rank(outcomes, "CheckpointError")
+    _assert_names(
+        message,
+        "non-distributed optimizer state",
+        "parallel.distributed_optimizer=True",
+        "checkpoint.load_optimizer=False",
+    )
+    assert all(o["calls"]["train_step"] == 0 for o in outcomes)
+    _record("resume non-distributed optimizer state with the distributed optimizer", message)
+
+
 def test_resume_with_other_seq_length_and_rope_base_works(pool2, data_prefix, trained_tiny):
     """Positive control: seq_length and rope_base do not change the weights' shapes, so the same
     checkpoint loads (mid-training) and the run goes on from its step. Not a bad input: no row

@@ -353,7 +353,7 @@ def _check_optimizer_compatible(saved: dict, distributed_optimizer: bool, path: 
     only at the same TP and PP sizes; say so instead of failing deep inside megatron."""
     saved_dist = bool(saved.get("distributed_optimizer", False))
     if saved_dist != distributed_optimizer:
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint {path} holds {'distributed' if saved_dist else 'non-distributed'} "
             f"optimizer state, but this run uses parallel.distributed_optimizer="
             f"{distributed_optimizer}; use the same setting, or load the weights only "
@@ -362,7 +362,7 @@ def _check_optimizer_compatible(saved: dict, distributed_optimizer: bool, path: 
     saved_pp, saved_tp, _ = saved["layout"]
     pp, tp, _ = _layout()
     if distributed_optimizer and (saved_pp, saved_tp) != (pp, tp):
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint {path} was saved with pipeline={saved_pp}, tensor={saved_tp} and a "
             f"distributed optimizer, whose state resumes only at the same sizes (this run: "
             f"pipeline={pp}, tensor={tp}; the data-parallel size may change); load the weights "
@@ -398,9 +398,10 @@ def _check_same_architecture(common: dict, model_config: dict[str, Any], path: P
         if saved.get(name) != model_config.get(name)
     ]
     if diffs:
+        names = (saved.get("name"), model_config.get("name"))
+        which = f" ({names[0]!r}, this run {names[1]!r})" if names[0] != names[1] else ""
         raise CheckpointError(
-            f"checkpoint {path} is of another model ({saved.get('name')!r}, this run "
-            f"{model_config.get('name')!r}); differing fields:\n  - "
+            f"checkpoint {path} is of another model{which}; differing fields:\n  - "
             + "\n  - ".join(diffs)
             + "\nuse the model configuration it was trained with, or another checkpoint.load_dir"
         )

@@ -32,6 +32,7 @@ import torch
 
 from megatron_ext.loss.config import RewardShapingConfig
 from megatron_ext.loss.reference import ShapedLossStats, positive_weight
+from megatron_ext.loss.select import top_k_rows
 
 __all__ = [
     "vocab_range",
@@ -73,18 +74,6 @@ def _rows_per_chunk(num_rows: int, row_len: int, device: torch.device) -> int:
         low, high = _CHUNK_ELEMENTS_CPU
         budget = max(low, min(high, num_rows * row_len // _CHUNK_DIVISOR))
     return max(1, min(num_rows, budget // max(1, row_len)))
-
-
-def _largest(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k largest values of each row of x [n, V], descending, and their indices.
-
-    torch.topk for k << V; a full sort when k is a large part of the row, where the CPU top-k
-    is several times slower than sorting.
-    """
-    if 8 * k > x.shape[-1]:
-        values, idx = torch.sort(x, dim=-1, descending=True)
-        return values[:, :k], idx[:, :k]
-    return torch.topk(x, k, dim=-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +129,8 @@ def shard_statistics(
         out: [N, Vp] fp32 buffer for exp(z - m_r); may be `logits` itself (fp32 logits).
 
     Returns:
-        block [N, kk + 6] fp32 (top-kk values, then STAT_COLUMNS); the local indices [N, kk] of the
+        block [N, kk + 6] fp32 (the top-kk values, the largest first and the kk-th largest at
+        kk - 1, then STAT_COLUMNS); the local indices [N, kk] of the
         top-kk values when plan.save_topk_indices, else None; and when plan.mark_head, the rows
         [R] whose kk-th value ties with a logit beyond the gathered ones (their candidates are
         sign-marked in `out`), else None.
@@ -169,7 +159,8 @@ def shard_statistics(
     if plan.find_topk:
         # One top-k call over all rows: per-chunk calls on a few rows cost several times more.
         if look_beyond:
-            values, idx = _largest(logits, kk + 1)  # [N, kk + 1], descending
+            # [N, kk + 1]: the largest first, the kk-th and (kk + 1)-th largest last
+            values, idx = top_k_rows(logits, kk + 1, fully_sorted=False)
             ties_all = values[:, kk] == values[:, kk - 1]  # the kk-th value has an ungathered twin
             values, idx = values[:, :kk], idx[:, :kk]
         else:
@@ -257,7 +248,7 @@ def merge_statistics(
         if k == candidates.shape[1]:
             tau = candidates.amin(-1)  # [N] every gathered value is in the set
         else:
-            tau = _largest(candidates, k)[0][:, -1]  # [N]
+            tau = top_k_rows(candidates, k, fully_sorted=False)[0][:, -1]  # [N] k-th largest
         in_head = candidates >= tau.unsqueeze(1)
         e_head = torch.exp(candidates - m.unsqueeze(1)) * in_head
         head_sum = e_head.sum(-1)

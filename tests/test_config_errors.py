@@ -26,9 +26,7 @@ from megatron_ext.models import ModelConfig, model_preset
 from megatron_ext.training import (
     CheckpointConfig,
     ConfigError,
-    DataConfig,
     LoggingConfig,
-    OptimizerConfig,
     ParallelConfig,
     TrainConfig,
     config_from_dict,
@@ -44,6 +42,7 @@ from megatron_ext.training.cli import main
 from megatron_ext.training.synthetic import write_synthetic_dataset
 from tests import _workers_config_errors as w
 from tests.reliability_report import record
+from tests.tiny_run import tiny_run_config
 
 pytestmark = pytest.mark.reliability
 
@@ -74,17 +73,8 @@ def trained_tiny(pool2, data_prefix, tmp_path_factory) -> str:
 
 def _config(data_prefix: str, model: str | ModelConfig = "tiny", **overrides: Any) -> TrainConfig:
     """A 2-step run of a tiny model on the synthetic data (2 data-parallel ranks fit it)."""
-    base: dict[str, Any] = {
-        "model": model_preset(model) if isinstance(model, str) else model,
-        "data": DataConfig(paths=(data_prefix,), split="90,10,0"),
-        "optimizer": OptimizerConfig(lr=3e-3, min_lr=3e-4, warmup_steps=0),
-        "logging": LoggingConfig(console=False),
-        "train_steps": 2,
-        "global_batch_size": 4,
-        "micro_batch_size": 2,
-    }
-    base.update(overrides)
-    return TrainConfig(**base)
+    overrides = {"train_steps": 2, "global_batch_size": 4, **overrides}
+    return tiny_run_config(data_prefix, model, **overrides)
 
 
 def _summary(message: str) -> str:

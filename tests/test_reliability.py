@@ -25,12 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_ext.models import model_preset
 from megatron_ext.training import (
     CheckpointConfig,
-    DataConfig,
-    LoggingConfig,
-    OptimizerConfig,
     ParallelConfig,
     TrainConfig,
 )
@@ -38,6 +34,7 @@ from megatron_ext.training.synthetic import write_synthetic_dataset
 from tests import _workers_reliability as w
 from tests.distributed import free_port
 from tests.reliability_report import record
+from tests.tiny_run import tiny_run_config
 
 pytestmark = pytest.mark.reliability
 
@@ -57,18 +54,8 @@ def data_prefix(tmp_path_factory) -> str:
 
 
 def _config(data_prefix: str, tmp_path: Path, **overrides) -> TrainConfig:
-    base = {
-        "model": model_preset("tiny"),
-        "data": DataConfig(paths=(data_prefix,), split="90,10,0"),
-        "optimizer": OptimizerConfig(lr=3e-3, min_lr=3e-4, warmup_steps=0),
-        "logging": LoggingConfig(console=False),
-        "checkpoint": CheckpointConfig(save_dir=str(tmp_path / "ckpt"), save_interval=2),
-        "train_steps": 6,
-        "global_batch_size": 8,
-        "micro_batch_size": 2,
-    }
-    base.update(overrides)
-    return TrainConfig(**base)
+    checkpoint = CheckpointConfig(save_dir=str(tmp_path / "ckpt"), save_interval=2)
+    return tiny_run_config(data_prefix, **{"checkpoint": checkpoint, "train_steps": 6, **overrides})
 
 
 def test_nonfinite_loss_skips_the_step(pool2, data_prefix, tmp_path):

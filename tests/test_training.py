@@ -15,7 +15,6 @@ import pytest
 import torch.distributed as dist
 
 from megatron_ext.loss import RewardShapingConfig
-from megatron_ext.models import model_preset
 from megatron_ext.training import (
     CheckpointConfig,
     ConfigError,
@@ -31,6 +30,7 @@ from megatron_ext.training import (
 from megatron_ext.training.cli import config_from_args, parse_args
 from megatron_ext.training.synthetic import write_synthetic_dataset
 from tests import _workers_training as w
+from tests.tiny_run import tiny_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,17 +43,7 @@ def data_prefix(tmp_path_factory) -> str:
 
 
 def _config(data_prefix: str, model: str = "tiny", **overrides) -> TrainConfig:
-    base = {
-        "model": model_preset(model),
-        "data": DataConfig(paths=(data_prefix,), split="90,10,0"),
-        "optimizer": OptimizerConfig(lr=3e-3, min_lr=3e-4, warmup_steps=0),
-        "logging": LoggingConfig(console=False),
-        "train_steps": 8,
-        "global_batch_size": 8,
-        "micro_batch_size": 2,
-    }
-    base.update(overrides)
-    return TrainConfig(**base)
+    return tiny_run_config(data_prefix, model, **overrides)
 
 
 def _losses(result: dict) -> list[float]:

@@ -1,0 +1,26 @@
+"""The small training run the trainer tests start from: the tiny model on synthetic data."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from megatron_ext.models import ModelConfig, model_preset
+from megatron_ext.training import DataConfig, LoggingConfig, OptimizerConfig, TrainConfig
+
+
+def tiny_run_config(
+    data_prefix: str, model: str | ModelConfig = "tiny", **overrides: Any
+) -> TrainConfig:
+    """8 steps of 8 sequences (micro-batches of 2) at a learning rate the tiny model learns at,
+    without console output; `overrides` replaces any TrainConfig field."""
+    base: dict[str, Any] = {
+        "model": model_preset(model) if isinstance(model, str) else model,
+        "data": DataConfig(paths=(data_prefix,), split="90,10,0"),
+        "optimizer": OptimizerConfig(lr=3e-3, min_lr=3e-4, warmup_steps=0),
+        "logging": LoggingConfig(console=False),
+        "train_steps": 8,
+        "global_batch_size": 8,
+        "micro_batch_size": 2,
+    }
+    base.update(overrides)
+    return TrainConfig(**base)

@@ -359,12 +359,14 @@ class Trainer:
     def _set_loss_stats(self, enabled: bool) -> None:
         unwrap_model(self.model).compute_loss_stats = enabled
 
-    def _grads_finite(self) -> bool:
+    def _grads_finite(self) -> torch.Tensor:
         """Whether this rank's reduced gradient buffers are all finite (a sum is NaN or infinite
-        when any element is)."""
+        when any element is), as a bool tensor on the device (no host synchronisation)."""
         buffers = [*self.model.buffers, *self.model.expert_parallel_buffers]
-        total = sum(buf.grad_data.sum(dtype=torch.float32) for buf in buffers)
-        return bool(torch.isfinite(torch.as_tensor(total)))
+        zero = torch.zeros((), dtype=torch.float32, device=self.device)
+        return torch.isfinite(
+            sum((buf.grad_data.sum(dtype=torch.float32) for buf in buffers), zero)
+        )
 
     def _ranks_flagged(self, flags: torch.Tensor) -> list[list[int]]:
         """Per flag of `flags` (this rank's 0/1 values), the ranks that raised it."""
@@ -386,18 +388,19 @@ class Trainer:
         sums = self._run_schedule(batches, forward_only=False)
         # One all-reduce carries the loss sums and three per-rank flags: non-finite loss here,
         # non-finite gradients here, SIGTERM received here.
-        flags = torch.tensor(
+        # The flags stay on the device: one host synchronisation per step, after the all-reduce.
+        sigterm_here = self._sigterm is not None and self._sigterm.received
+        flags = torch.stack(
             [
-                0.0 if bool(torch.isfinite(sums[0])) else 1.0,
-                0.0 if self._grads_finite() else 1.0,
-                1.0 if self._sigterm is not None and self._sigterm.received else 0.0,
-            ],
-            dtype=torch.float64,
-            device=self.device,
-        )
+                ~torch.isfinite(sums[0]),
+                ~self._grads_finite(),
+                torch.tensor(sigterm_here, device=self.device),
+            ]
+        ).to(torch.float64)
         payload = torch.cat([sums, flags])
         dist.all_reduce(payload)
-        total, counts = payload[: len(LOSS_SUM_FIELDS)].cpu(), payload[len(LOSS_SUM_FIELDS) :]
+        payload = payload.cpu()
+        total, counts = payload[: len(LOSS_SUM_FIELDS)], payload[len(LOSS_SUM_FIELDS) :]
         sigterm = bool(counts[2] > 0)
         if bool(counts[0] > 0) or bool(counts[1] > 0):
             loss_ranks, grad_ranks = self._ranks_flagged(flags[:2])

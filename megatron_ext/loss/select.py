@@ -2,18 +2,19 @@
 
 On CPU, torch.topk copies every row into (value, index) pairs and partially sorts them, about
 10 ns per element and thread, while the loss needs only the k largest of tens of thousands of
-logits per row. `top_k_rows` narrows the search first: each row is cut into groups of `GROUP`
-logits, and the k groups with the largest maxima hold the row's k largest values (a value
-outside them is at most the k-th largest group maximum, and those k groups already hold k values
-at least that large). torch finds the group maxima and the k best groups (two vectorised passes
-over far fewer values); a small numba kernel then picks the k largest of the k * GROUP
-candidates, skipping every value below the k-th largest group maximum.
+logits per row. For fp32 rows `top_k_rows` runs a numba kernel (_select_kernel.py) that narrows
+the search: each row is cut into groups of `GROUP` logits; one pass finds every group's maximum;
+the k groups with the largest maxima hold the row's k largest values (a value outside them is at
+most the k-th largest group maximum, and those k groups already hold k values at least that
+large), so a floor just below that maximum, found with two small histograms, leaves a few
+hundred candidates, still in cache, from which a quickselect takes k. Each row is read from
+memory once, as a max over the row would; [4096, 32768], k = 101: about 2x faster than
+torch.topk's group-maxima-free search on the same threads.
 
-Without numba, on CUDA, for short rows and for dtypes the kernel does not take, torch.topk is
-used (on CPU it beats a full sort even for k close to the row length: [256, 256], k = 101, 1.8 ms
-against 3.1 ms on one thread). Every path returns the same values, the k largest of each row, in
-descending order (with fully_sorted=False only the ends are ordered); among equal values the
-indices may differ.
+Without numba, on CUDA and for other dtypes, torch.topk is used. Every path returns the same
+values, the k largest of each row, in descending order (with fully_sorted=False only the ends are
+ordered); among equal values the indices may differ. A row holding a NaN gets NaN first, as
+torch.topk gives it.
 """
 
 from __future__ import annotations
@@ -26,8 +27,7 @@ import torch
 __all__ = ["GROUP", "top_k_rows"]
 
 GROUP = 32
-"""Logits per group of the narrowing step."""
-_MIN_GROUPS_PER_K = 4  # narrow only rows with at least this many groups per wanted value
+"""Logits per group of the CPU kernel's narrowing step."""
 
 
 @functools.cache
@@ -41,9 +41,9 @@ def _kernel():
         # numba's own pthread pool: its idle threads sleep, where a second OpenMP runtime's
         # threads would spin beside torch's and slow every torch op that follows on a busy CPU.
         numba.config.THREADING_LAYER = "workqueue"
-    from megatron_ext.loss._select_kernel import top_k_of_groups
+    from megatron_ext.loss._select_kernel import top_k_fp32
 
-    return top_k_of_groups
+    return top_k_fp32
 
 
 def top_k_rows(
@@ -64,36 +64,28 @@ def top_k_rows(
     n, width = x.shape
     if not 1 <= k <= width:
         raise ValueError(f"k={k} must be in [1, {width}] (the row length)")
-    narrow = (
-        x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.float64)
-        and n > 0
-        and width % GROUP == 0
-        and width // GROUP >= _MIN_GROUPS_PER_K * k
-    )
-    kernel = _kernel() if narrow else None
+    kernel = _kernel() if x.device.type == "cpu" and x.dtype == torch.float32 and n > 0 else None
     if kernel is None:
         return torch.topk(x, k, dim=-1)  # sorted, which satisfies fully_sorted=False too
     x = x.contiguous()
-    group_max = x.view(n, width // GROUP, GROUP).amax(-1)  # [n, V / GROUP], NaN if any is
-    best, groups = torch.topk(group_max, k, dim=-1, sorted=False)  # [n, k] each
-    bounds = best.amin(-1)  # [n] the k-th largest group maximum <= the k-th largest value
     values = torch.empty(n, k, dtype=x.dtype)
     indices = torch.empty(n, k, dtype=torch.int64)
     import numba
 
-    threads = numba.get_num_threads()
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, n))
+    previous = numba.get_num_threads()
+    numba.set_num_threads(threads)
     try:
         kernel(
             x.numpy(),
-            groups.numpy(),
-            bounds.numpy(),
+            x.view(torch.int32).numpy(),
+            k,
             GROUP,
+            threads,
             fully_sorted,
             values.numpy(),
             indices.numpy(),
         )
     finally:
-        numba.set_num_threads(threads)
+        numba.set_num_threads(previous)
     return values, indices

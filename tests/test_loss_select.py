@@ -11,9 +11,9 @@ from megatron_ext.loss import (
     reference_shaped_cross_entropy,
     vocab_parallel_shaped_cross_entropy,
 )
-from megatron_ext.loss.select import GROUP, _kernel, top_k_rows
+from megatron_ext.loss.select import GROUP, cpu_kernels, top_k_rows
 
-pytestmark = pytest.mark.skipif(_kernel() is None, reason="numba is not installed")
+pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="numba is not installed")
 
 
 def _rows(kind: str, n: int, width: int, dtype=torch.float32) -> torch.Tensor:
@@ -129,3 +129,108 @@ def test_loss_through_the_kernel_matches_the_reference(preset, kind):
     ours.sum().backward()
     torch.testing.assert_close(ours.double(), ref.detach(), atol=2e-6, rtol=2e-6)
     torch.testing.assert_close(ours_in.grad.double(), ref_in.grad, atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused CPU forward (one kernel per call) against the torch ops it replaces
+
+
+def _statistics(logits, target, config, vp_total, in_place, fused, monkeypatch):
+    from megatron_ext.loss import functional
+
+    monkeypatch.setattr(functional, "cpu_kernels", cpu_kernels if fused else lambda: None)
+    if not fused:  # the top-k search too: torch.topk
+        monkeypatch.setattr("megatron_ext.loss.select.cpu_kernels", lambda: None)
+    n, vp = logits.shape
+    plan = functional.plan_shard(config, vp, vp_total, return_stats=True)
+    z = logits.clone()
+    out = z if in_place else torch.empty_like(z)
+    valid = target >= 0
+    block, idx, marked = functional.shard_statistics(z, target, valid, 0, plan, out)
+    monkeypatch.undo()
+    return plan, block, idx, marked, out
+
+
+@pytest.mark.parametrize("kind", ["random", "ties", "neg_inf", "constant", "wide_range"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        RewardShapingConfig.preset("ce"),
+        RewardShapingConfig.preset("tail_suppression"),
+        RewardShapingConfig(lambda_head=-0.2, lambda_tail=0.1, top_k=7),
+        RewardShapingConfig(lambda_tail=-0.1, top_k=300),  # k > the slice: the whole slice
+    ],
+    ids=["ce", "tail", "head_k7", "k_300"],
+)
+@pytest.mark.parametrize("in_place", [True, False])
+def test_fused_forward_matches_the_torch_ops(kind, config, in_place, monkeypatch):
+    x = _rows(kind, 40, 256 + 5)  # a short last group
+    if kind == "wide_range":
+        x = x.clamp(-1e4, 1e4)
+    x[3, 17] = float("nan")
+    x[5, 2] = float("inf")
+    target = torch.randint(-1, 261, (40,), generator=torch.Generator().manual_seed(3))
+    vp_total = 261 * 2  # as if TP = 2: kk = min(k, 261)
+    plan, b_ref, i_ref, m_ref, out_ref = _statistics(
+        x, target, config, vp_total, in_place, False, monkeypatch
+    )
+    _, b_new, i_new, m_new, out_new = _statistics(
+        x, target, config, vp_total, in_place, True, monkeypatch
+    )
+    kk = plan.kk
+    # Rows 3 (NaN) and 5 (+inf): both paths make them non-finite (m, S or T), which the loss
+    # reports; their numbers differ (torch's exp(inf - inf) is NaN, the kernel's is 0).
+    for b in (b_ref, b_new):
+        stats = b[[3, 5]][:, [0, kk + 0, kk + 1]]
+        assert not bool(torch.isfinite(stats).all(-1).any())
+    rows = [r for r in range(40) if r not in (3, 5)]
+    b_ref, b_new, out_ref, out_new, x = (
+        b_ref[rows],
+        b_new[rows],
+        out_ref[rows],
+        out_new[rows],
+        x[rows],
+    )
+    # the top values as a set, the maximum first and the kk-th at kk - 1, their columns
+    torch.testing.assert_close(b_new[:, :kk].sort(-1).values, b_ref[:, :kk].sort(-1).values)
+    torch.testing.assert_close(b_new[:, [0, kk - 1]], b_ref[:, [0, kk - 1]])
+    if i_ref is not None:
+        assert torch.equal(x.gather(1, i_new[rows]), b_new[:, :kk])
+    # the columns after the values: sums (fp64 in the kernel, fp32 in torch), target, counts
+    torch.testing.assert_close(b_new[:, kk:], b_ref[:, kk:], rtol=2e-6, atol=1e-6, equal_nan=True)
+    # exp(z - m) with the same sign marks, within the fp32 exp's few ulp
+    torch.testing.assert_close(out_new, out_ref, rtol=1e-6, atol=1e-30)
+    if m_ref is None:
+        assert m_new is None
+    else:
+        finite_rows = [m[(m != 3) & (m != 5)].sort().values for m in (m_new, m_ref)]
+        assert torch.equal(*finite_rows)
+    if kind == "ties" and plan.mark_head:
+        assert m_new.numel() > 0  # the tie path ran
+
+
+@pytest.mark.parametrize("preset", ["ce", "diversity", "tail_suppression", "head_preservation"])
+def test_loss_with_and_without_the_kernels(preset, monkeypatch):
+    """The loss, its stats and its gradient through the kernels and through torch ops alone."""
+    config = RewardShapingConfig.preset(preset)
+    logits = (_rows("random", 64, 2048) * 3).view(8, 8, 2048)
+    target = torch.randint(0, 2048, (8, 8), generator=torch.Generator().manual_seed(2))
+    target[1, 1] = -100
+    results = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr("megatron_ext.loss.functional.cpu_kernels", lambda: None)
+            monkeypatch.setattr("megatron_ext.loss.select.cpu_kernels", lambda: None)
+        z = logits.clone().requires_grad_()
+        loss, stats = vocab_parallel_shaped_cross_entropy(
+            z.clone(), target, config, None, return_stats=True
+        )
+        loss.sum().backward()
+        results.append((loss.detach(), stats, z.grad))
+    (loss_a, stats_a, grad_a), (loss_b, stats_b, grad_b) = results
+    torch.testing.assert_close(loss_a, loss_b, rtol=2e-6, atol=2e-6)
+    for name in ("entropy", "target_prob", "topk_mass"):
+        torch.testing.assert_close(
+            getattr(stats_a, name), getattr(stats_b, name), rtol=2e-6, atol=2e-6
+        )
+    torch.testing.assert_close(grad_a, grad_b, rtol=1e-5, atol=1e-7)

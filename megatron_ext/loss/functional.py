@@ -32,7 +32,7 @@ import torch
 
 from megatron_ext.loss.config import RewardShapingConfig
 from megatron_ext.loss.reference import ShapedLossStats, positive_weight
-from megatron_ext.loss.select import top_k_rows
+from megatron_ext.loss.select import GROUP, cpu_kernels, kernel_threads, top_k_rows
 
 __all__ = [
     "vocab_range",
@@ -110,6 +110,19 @@ def plan_shard(
     )
 
 
+def _fused_cpu_path(logits: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether the forward can run as one numba kernel: fp32 logits and buffer on CPU, rows
+    contiguous (the kernel reads and writes whole rows; out may be the logits themselves)."""
+    return (
+        logits.device.type == "cpu"
+        and logits.dtype == torch.float32
+        and logits.numel() > 0
+        and logits.is_contiguous()
+        and out.is_contiguous()
+        and cpu_kernels() is not None
+    )
+
+
 def shard_statistics(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -156,6 +169,30 @@ def shard_statistics(
     # Top-kk + 1 tells whether the kk-th value ties with a logit that was not gathered; only
     # such rows need the count of logits >= it (and, for rank-split rewards, the marks).
     look_beyond = plan.find_topk and kk < vp
+    kernels = cpu_kernels() if _fused_cpu_path(logits, out) else None
+    if kernels is not None:
+        ties = torch.zeros(n, dtype=torch.bool)
+        no_idx = torch.empty(0, kk, dtype=torch.long)
+        cols = torch.tensor([kk + _S, kk + _T, kk + _CNT], dtype=torch.int64)
+        with kernel_threads(n) as threads:
+            kernels.row_statistics_fp32(
+                logits.numpy(),
+                logits.view(torch.int32).numpy(),
+                kk,
+                plan.find_topk,
+                look_beyond,
+                plan.mark_head,
+                GROUP,
+                threads,
+                out.numpy(),
+                out.data_ptr() == logits.data_ptr(),
+                block.numpy(),
+                cols.numpy(),
+                (top_idx if top_idx is not None else no_idx).numpy(),
+                ties.numpy(),
+            )
+        marked_rows = ties.nonzero().squeeze(1) if plan.mark_head else None
+        return block, top_idx, marked_rows
     if plan.find_topk:
         # One top-k call over all rows: per-chunk calls on a few rows cost several times more.
         if look_beyond:

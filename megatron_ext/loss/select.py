@@ -2,7 +2,7 @@
 
 On CPU, torch.topk copies every row into (value, index) pairs and partially sorts them, about
 10 ns per element and thread, while the loss needs only the k largest of tens of thousands of
-logits per row. For fp32 rows `top_k_rows` runs a numba kernel (_select_kernel.py) that narrows
+logits per row. For fp32 rows `top_k_rows` runs a numba kernel (_cpu_kernels.py) that narrows
 the search: each row is cut into groups of `GROUP` logits; one pass finds every group's maximum;
 the k groups with the largest maxima hold the row's k largest values (a value outside them is at
 most the k-th largest group maximum, and those k groups already hold k values at least that
@@ -19,20 +19,22 @@ torch.topk gives it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
 import torch
 
-__all__ = ["GROUP", "top_k_rows"]
+__all__ = ["GROUP", "cpu_kernels", "kernel_threads", "top_k_rows"]
 
 GROUP = 32
 """Logits per group of the CPU kernel's narrowing step."""
 
 
 @functools.cache
-def _kernel():
-    """The compiled CPU kernel, or None when numba is not installed."""
+def cpu_kernels():
+    """The module of compiled CPU kernels (megatron_ext.loss._cpu_kernels), or None when numba
+    is not installed."""
     try:
         import numba
     except ImportError:
@@ -41,9 +43,24 @@ def _kernel():
         # numba's own pthread pool: its idle threads sleep, where a second OpenMP runtime's
         # threads would spin beside torch's and slow every torch op that follows on a busy CPU.
         numba.config.THREADING_LAYER = "workqueue"
-    from megatron_ext.loss._select_kernel import top_k_fp32
+    from megatron_ext.loss import _cpu_kernels
 
-    return top_k_fp32
+    return _cpu_kernels
+
+
+@contextlib.contextmanager
+def kernel_threads(rows: int):
+    """Run a CPU kernel on as many threads as torch uses (at most one per row); yields that
+    number (the kernels split their rows into that many chunks)."""
+    import numba
+
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, rows))
+    previous = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        numba.set_num_threads(previous)
 
 
 def top_k_rows(
@@ -64,19 +81,14 @@ def top_k_rows(
     n, width = x.shape
     if not 1 <= k <= width:
         raise ValueError(f"k={k} must be in [1, {width}] (the row length)")
-    kernel = _kernel() if x.device.type == "cpu" and x.dtype == torch.float32 and n > 0 else None
-    if kernel is None:
+    kernels = cpu_kernels() if x.device.type == "cpu" and x.dtype == torch.float32 and n else None
+    if kernels is None:
         return torch.topk(x, k, dim=-1)  # sorted, which satisfies fully_sorted=False too
     x = x.contiguous()
     values = torch.empty(n, k, dtype=x.dtype)
     indices = torch.empty(n, k, dtype=torch.int64)
-    import numba
-
-    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, n))
-    previous = numba.get_num_threads()
-    numba.set_num_threads(threads)
-    try:
-        kernel(
+    with kernel_threads(n) as threads:
+        kernels.top_k_fp32(
             x.numpy(),
             x.view(torch.int32).numpy(),
             k,
@@ -86,6 +98,4 @@ def top_k_rows(
             values.numpy(),
             indices.numpy(),
         )
-    finally:
-        numba.set_num_threads(previous)
     return values, indices

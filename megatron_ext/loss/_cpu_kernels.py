@@ -1,0 +1,364 @@
+"""numba kernels of the loss's CPU path (imported on first use; see select.py for the loader).
+
+- `top_k_fp32`: the k largest logits of each row (select.top_k_rows).
+- `row_statistics_fp32`: the forward of one vocabulary slice (functional.shard_statistics) in one
+  read of each row from memory: the row's top values (or only its maximum), then, while the row
+  is still in cache, exp(z - m) written out with its sums.
+
+Comparisons are made on an integer key of each fp32 logit's bits, `b ^ ((b >> 31) & 0x7FFFFFFF)`,
+whose signed order is the float order (-0.0 just below +0.0; a NaN of either sign lies beyond
++-inf, which is how non-finite rows are found). Integer max/min loops vectorise where float ones
+would need fast-math flags that break NaN handling. The arithmetic is spelled in int32: numba
+widens integer expressions to int64, which AVX2 cannot take eight at a time. The group width
+must reach the kernels as a run-time value: compiled with a constant 32, LLVM unrolls the group
+loops instead of vectorising them and the kernels run 2-3x slower.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+__all__ = ["row_statistics_fp32", "top_k_fp32"]
+
+_MASK = np.int32(0x7FFFFFFF)
+_MIN_KEY = np.int32(-(2**31))
+_INF_KEY = np.int32(0x7F800000)  # the key of +inf; ~_INF_KEY is the key of -inf
+
+# exp for z - m <= 0 in fp32 (Cephes' expf: 2^n times a degree-7 polynomial, within 2 ulp).
+_LOG2E = np.float32(1.44269504088896341)
+_LN2_HI = np.float32(0.693359375)
+_LN2_LO = np.float32(-2.12194440e-4)
+_EXP_MIN = np.float32(-87.33654)  # ln of the smallest normal fp32; below it exp gives 0
+_P0, _P1, _P2 = (
+    np.float32(1.9875691500e-4),
+    np.float32(1.3981999507e-3),
+    np.float32(8.3334519073e-3),
+)
+_P3, _P4, _P5 = (
+    np.float32(4.1665795894e-2),
+    np.float32(1.6666665459e-1),
+    np.float32(5.0000001201e-1),
+)
+
+
+@intrinsic
+def _bits_to_float(typingctx, bits):
+    """The fp32 whose bits are the int32 `bits`."""
+    if bits != types.int32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+@numba.njit(inline="always")
+def _key(b):
+    return np.int32(b ^ np.int32(np.int32(b >> np.int32(31)) & _MASK))
+
+
+@numba.njit(nogil=True, cache=True)
+def _exp_nonpositive(d):
+    """exp(d) for a finite fp32 d <= 0; 0 below _EXP_MIN. Not inlined by numba, so that the
+    fast-math flags of its callers (reassoc) cannot merge the two halves of ln 2."""
+    x = d if d > _EXP_MIN else _EXP_MIN
+    fx = np.floor(x * _LOG2E + np.float32(0.5))
+    r = x - fx * _LN2_HI - fx * _LN2_LO
+    p = ((((_P0 * r + _P1) * r + _P2) * r + _P3) * r + _P4) * r + _P5
+    y = p * (r * r) + r + np.float32(1.0)
+    scale = _bits_to_float(np.int32(np.int32(np.int32(fx) + np.int32(127)) << np.int32(23)))
+    return y * scale if d >= _EXP_MIN else np.float32(0.0)
+
+
+@numba.njit(inline="always")
+def _partition_top(keys, idx, n, k):
+    """Reorder keys[:n] / idx[:n] so that their first k are the k largest (quickselect)."""
+    lo, hi = 0, n - 1
+    target = k - 1
+    while lo < hi:
+        pivot = keys[(lo + hi) >> 1]
+        i, j = lo, hi
+        while i <= j:
+            while keys[i] > pivot:
+                i += 1
+            while keys[j] < pivot:
+                j -= 1
+            if i <= j:
+                keys[i], keys[j] = keys[j], keys[i]
+                idx[i], idx[j] = idx[j], idx[i]
+                i += 1
+                j -= 1
+        if target <= j:
+            hi = j
+        elif target >= i:
+            lo = i
+        else:
+            break
+
+
+@numba.njit(inline="always")
+def _prefix_floor(gkey, k, hist):
+    """The largest 16-bit prefix p with at least k of gkey having (key >> 16) >= p: two passes
+    of a 256-bin histogram, on the top byte and then on the next one within the chosen bin."""
+    hist[:] = 0
+    for g in range(gkey.shape[0]):
+        hist[(gkey[g] >> 24) + 128] += 1
+    need = k
+    b1 = 255
+    while hist[b1] < need:
+        need -= hist[b1]
+        b1 -= 1
+    top = b1 - 128
+    hist[:] = 0
+    for g in range(gkey.shape[0]):
+        key = gkey[g]
+        if (key >> 24) == top:
+            hist[(key >> 16) & 255] += 1
+    b2 = 255
+    while hist[b2] < need:
+        need -= hist[b2]
+        b2 -= 1
+    return top * 256 + b2
+
+
+@numba.njit(inline="always")
+def _order_ends(keys, idx, k):
+    """The largest of keys[:k] to position 0, the smallest to k - 1, the next smallest to k - 2."""
+    for end in range(min(2, k)):
+        low = 0
+        for t in range(1, k - end):
+            if keys[t] < keys[low]:
+                low = t
+        last = k - 1 - end
+        keys[low], keys[last] = keys[last], keys[low]
+        idx[low], idx[last] = idx[last], idx[low]
+    high = 0
+    for t in range(1, max(1, k - 2)):
+        if keys[t] > keys[high]:
+            high = t
+    keys[0], keys[high] = keys[high], keys[0]
+    idx[0], idx[high] = idx[high], idx[0]
+
+
+@numba.njit(inline="always")
+def _group_keys(row, group, gkey):
+    """gkey[g] = the largest key of the g-th group of `group` logits of row (int32 bits);
+    returns the smallest key of the row."""
+    width = row.shape[0]
+    full = width // group
+    lowest = _MASK
+    for g in range(full):
+        s = g * group
+        best = _MIN_KEY
+        low = _MASK
+        for j in range(group):
+            key = _key(row[s + j])
+            best = key if key > best else best
+            low = key if key < low else low
+        gkey[g] = best
+        lowest = min(lowest, low)
+    if full < gkey.shape[0]:
+        best = _MIN_KEY
+        for j in range(full * group, width):
+            key = _key(row[j])
+            best = max(best, key)
+            lowest = min(lowest, key)
+        gkey[full] = best
+    return lowest
+
+
+@numba.njit(inline="always")
+def _top_candidates(row, k, group, gkey, hist, ckey, cidx, lowest):
+    """ckey[:k] / cidx[:k] = the k largest keys of row and their columns, given gkey and the
+    row's smallest key from _group_keys; the k groups with the largest maxima each hold a value
+    at least the k-th largest group maximum, so a floor at or below it leaves every one of the k
+    largest values among a few candidates; a quickselect takes them."""
+    width = row.shape[0]
+    full = width // group
+    n_groups = gkey.shape[0]
+    if k <= n_groups:
+        threshold = np.int32(_prefix_floor(gkey, k, hist) << 16)
+    else:
+        threshold = lowest  # every logit is a candidate
+    count = 0
+    for g in range(n_groups):
+        if gkey[g] >= threshold:
+            s = g * group
+            if g < full:
+                for j in range(group):
+                    key = _key(row[s + j])
+                    ckey[count] = key  # written always, kept when it counts
+                    cidx[count] = np.int32(s + j)
+                    count += key >= threshold
+            else:
+                for j in range(s, width):
+                    key = _key(row[j])
+                    ckey[count] = key
+                    cidx[count] = np.int32(j)
+                    count += key >= threshold
+    if count > k:
+        _partition_top(ckey, cidx, count, k)
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def top_k_fp32(x, bits, k, group, chunks, fully_sorted, out_vals, out_idx):
+    """out_vals[r] / out_idx[r] = the k largest values of x[r] ([n, V] fp32; bits is x viewed as
+    int32) and their columns. Rows with a NaN get NaN values (torch.topk ranks NaN first)."""
+    n_rows, width = bits.shape
+    n_groups = (width + group - 1) // group
+    per = (n_rows + chunks - 1) // chunks
+    for c in numba.prange(chunks):
+        gkey = np.empty(n_groups, dtype=np.int32)
+        hist = np.empty(256, dtype=np.int64)
+        ckey = np.empty(width + 1, dtype=np.int32)
+        cidx = np.empty(width + 1, dtype=np.int32)
+        for r in range(c * per, min(n_rows, (c + 1) * per)):
+            lowest = _group_keys(bits[r], group, gkey)
+            if gkey.max() > _INF_KEY or lowest < ~_INF_KEY:
+                for t in range(k):
+                    out_vals[r, t] = np.nan
+                    out_idx[r, t] = t
+                continue
+            _top_candidates(bits[r], k, group, gkey, hist, ckey, cidx, lowest)
+            if fully_sorted:
+                order = np.argsort(ckey[:k])[::-1]
+                for t in range(k):
+                    out_idx[r, t] = cidx[order[t]]
+                    out_vals[r, t] = x[r, cidx[order[t]]]
+            else:
+                _order_ends(ckey, cidx, k)
+                for t in range(k):
+                    out_idx[r, t] = cidx[t]
+                    out_vals[r, t] = x[r, cidx[t]]
+
+
+@numba.njit(fastmath={"reassoc", "contract"}, nogil=True, cache=True)
+def _exp_row(row, m, out_row):
+    """out_row = exp(row - m); returns (sum e, sum e (z - m)) in fp64. reassoc lets the two sums
+    run in vector lanes (NaN still propagates: no nnan flag)."""
+    s = 0.0
+    t = 0.0
+    for j in range(row.shape[0]):
+        d = row[j] - m
+        e = _exp_nonpositive(d)
+        out_row[j] = e
+        s += np.float64(e)
+        t += np.float64(d * e)
+    return s, t
+
+
+@numba.njit(fastmath={"reassoc", "contract"}, nogil=True, cache=True)
+def _exp_row_inplace(row, m):
+    """_exp_row with the row as its own output. A separate function: given two views of one
+    row, LLVM's run-time overlap check would send the loop down its scalar version."""
+    s = 0.0
+    t = 0.0
+    for j in range(row.shape[0]):
+        d = row[j] - m
+        e = _exp_nonpositive(d)
+        row[j] = e
+        s += np.float64(e)
+        t += np.float64(d * e)
+    return s, t
+
+
+@numba.njit(nogil=True, cache=True)
+def _exp_row_ties(row, m, kth, negate, out_row):
+    """_exp_row for a row whose kth value has ungathered twins: also counts the logits >= kth
+    and, with `negate`, sets the sign bit of their exp (the forward's marks)."""
+    s = 0.0
+    t = 0.0
+    count = 0
+    for j in range(row.shape[0]):
+        z = row[j]
+        d = z - m
+        e = _exp_nonpositive(d)
+        s += np.float64(e)
+        t += np.float64(d * e)
+        member = z >= kth
+        count += member
+        out_row[j] = -e if member and negate else e
+    return s, t, count
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def row_statistics_fp32(
+    x,
+    bits,
+    kk,
+    find_topk,
+    look_beyond,
+    mark,
+    group,
+    chunks,
+    out,
+    in_place,
+    block,
+    cols,
+    top_idx,
+    ties,
+):
+    """The forward of functional.shard_statistics for fp32 logits x [n, Vp] (bits: x as int32).
+
+    Per row: block[r, :kk] = the kk largest logits (the largest first, the kk-th at kk - 1) when
+    find_topk, else block[r, 0] = the maximum m; out[r] = exp(x[r] - m) (in_place: out is x);
+    block[r, cols[0]] = sum of out[r], block[r, cols[1]] = sum out (x - m) (fp64 sums);
+    top_idx[r] = the columns of the kk values (when top_idx has rows). With look_beyond, the
+    (kk + 1)-th value is found too: where it equals the kk-th, ties[r] is set,
+    block[r, cols[2]] = the number of logits >= the kk-th, and with `mark` their exp is negated.
+    A row holding a NaN gets NaN statistics and a NaN row in out; with -inf logits the second
+    sum is NaN (0 * -inf), with +inf m is +inf and the first sum 0: every non-finite row shows.
+    """
+    n_rows, width = bits.shape
+    n_groups = (width + group - 1) // group
+    per = (n_rows + chunks - 1) // chunks
+    want = kk + 1 if look_beyond else kk
+    save_idx = top_idx.shape[0] > 0
+    for c in numba.prange(chunks):
+        gkey = np.empty(n_groups, dtype=np.int32)
+        hist = np.empty(256, dtype=np.int64)
+        ckey = np.empty(width + 1, dtype=np.int32)
+        cidx = np.empty(width + 1, dtype=np.int32)
+        for r in range(c * per, min(n_rows, (c + 1) * per)):
+            row = x[r]
+            lowest = _group_keys(bits[r], group, gkey)
+            highest = gkey.max()
+            if highest > _INF_KEY or lowest < ~_INF_KEY:  # a NaN
+                out[r, :] = np.nan
+                block[r, :kk] = np.nan
+                block[r, cols[0]] = np.nan
+                block[r, cols[1]] = np.nan
+                if save_idx:
+                    for t in range(kk):
+                        top_idx[r, t] = t
+                continue
+            tie = False
+            kth = np.float32(0.0)
+            if find_topk:
+                _top_candidates(bits[r], want, group, gkey, hist, ckey, cidx, lowest)
+                _order_ends(ckey, cidx, want)
+                for t in range(kk):
+                    block[r, t] = row[cidx[t]]
+                    if save_idx:
+                        top_idx[r, t] = cidx[t]
+                kth = row[cidx[kk - 1]]
+                tie = look_beyond and row[cidx[kk]] == kth
+                m = row[cidx[0]]
+            else:
+                m = _bits_to_float(np.int32(highest ^ np.int32(np.int32(highest >> 31) & _MASK)))
+                block[r, 0] = m
+            if tie:
+                s, t, count = _exp_row_ties(row, m, kth, mark, out[r])
+                block[r, cols[2]] = count
+                ties[r] = True
+            elif in_place:
+                s, t = _exp_row_inplace(row, m)
+            else:
+                s, t = _exp_row(row, m, out[r])
+            block[r, cols[0]] = s
+            block[r, cols[1]] = t

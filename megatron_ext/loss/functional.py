@@ -3,12 +3,13 @@
 The vocab-parallel loss (vocab_parallel.py) is three steps around ONE all-gather:
 
 1. `shard_statistics` finds the slice's top-(kk + 1) logits in one call, then reads the slice once
-   more, chunk by chunk, and returns a small block [N, kk + 6] per position: the slice's top-kk
-   logits (their first is the slice's maximum m_r), S_r = sum exp(z - m_r),
-   T_r = sum exp(z - m_r) (z - m_r), the target's logit (0 if not owned), an ownership flag, the
-   number of logits >= the slice's kk-th value, and Vp. It writes exp(z - m_r) over a fp32 buffer
-   (the logits themselves when they are fp32, as megatron-core's cross-entropy does) for the
-   backward.
+   more, chunk by chunk (on CPU with fp32 logits both steps are one numba kernel that reads each
+   row from memory once: _cpu_kernels.row_statistics_fp32), and returns a small block [N, kk + 6]
+   per position: the slice's top-kk logits (their first is the slice's maximum m_r),
+   S_r = sum exp(z - m_r), T_r = sum exp(z - m_r) (z - m_r), the target's logit (0 if not
+   owned), an ownership flag, the number of logits >= the slice's kk-th value, and Vp. It writes
+   exp(z - m_r) over a fp32 buffer (the logits themselves when they are fp32, as megatron-core's
+   cross-entropy does) for the backward.
 2. `merge_statistics` turns the gathered blocks [tp, N, kk + 6] into every per-position quantity:
    global max and log-sum-exp, tau (the global k-th logit), head and tail sums (exactly, ties
    included), the weights, the loss and the diagnostics. Every rank computes the same numbers.

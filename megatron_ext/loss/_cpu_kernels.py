@@ -76,29 +76,40 @@ def _exp_nonpositive(d):
 
 
 @numba.njit(inline="always")
-def _partition_top(keys, idx, n, k):
-    """Reorder keys[:n] / idx[:n] so that their first k are the k largest (quickselect)."""
-    lo, hi = 0, n - 1
-    target = k - 1
-    while lo < hi:
-        pivot = keys[(lo + hi) >> 1]
-        i, j = lo, hi
-        while i <= j:
-            while keys[i] > pivot:
-                i += 1
-            while keys[j] < pivot:
-                j -= 1
-            if i <= j:
-                keys[i], keys[j] = keys[j], keys[i]
-                idx[i], idx[j] = idx[j], idx[i]
-                i += 1
-                j -= 1
-        if target <= j:
-            hi = j
-        elif target >= i:
-            lo = i
-        else:
-            break
+def _keep_top(keys, idx, n, k, spare_keys, spare_idx):
+    """Reorder keys[:n] / idx[:n] so that their first k are the k largest: a quickselect whose
+    partitions are branch-free (each key is written to every side, and only the side it belongs
+    to advances), three-way around a median of three. spare_*: [2, >= n] scratch."""
+    lo, hi, need = 0, n, k
+    while need > 0 and hi - lo > need:
+        a, b, c = keys[lo], keys[(lo + hi) >> 1], keys[hi - 1]
+        pivot = max(min(a, b), min(max(a, b), c))
+        n_gt, n_eq, n_lt = lo, 0, 0
+        for i in range(lo, hi):
+            key, col = keys[i], idx[i]
+            keys[n_gt] = key  # n_gt <= i: nothing unread is overwritten
+            idx[n_gt] = col
+            spare_keys[0, n_eq] = key
+            spare_idx[0, n_eq] = col
+            spare_keys[1, n_lt] = key
+            spare_idx[1, n_lt] = col
+            n_gt += key > pivot
+            n_eq += key == pivot
+            n_lt += key < pivot
+        if n_gt - lo >= need:  # the k largest left lie among the larger keys
+            hi = n_gt
+            continue
+        need -= n_gt - lo
+        take = min(need, n_eq)
+        for t in range(take):
+            keys[n_gt + t] = pivot
+            idx[n_gt + t] = spare_idx[0, t]
+        need -= take
+        lo = n_gt + take
+        for t in range(n_lt):
+            keys[lo + t] = spare_keys[1, t]
+            idx[lo + t] = spare_idx[1, t]
+        hi = lo + n_lt
 
 
 @numba.njit(inline="always")
@@ -173,11 +184,11 @@ def _group_keys(row, group, gkey):
 
 
 @numba.njit(inline="always")
-def _top_candidates(row, k, group, gkey, hist, ckey, cidx, lowest):
+def _top_candidates(row, k, group, gkey, hist, ckey, cidx, spare_keys, spare_idx, lowest):
     """ckey[:k] / cidx[:k] = the k largest keys of row and their columns, given gkey and the
     row's smallest key from _group_keys; the k groups with the largest maxima each hold a value
     at least the k-th largest group maximum, so a floor at or below it leaves every one of the k
-    largest values among a few candidates; a quickselect takes them."""
+    largest values among a few candidates, from which _keep_top takes them."""
     width = row.shape[0]
     full = width // group
     n_groups = gkey.shape[0]
@@ -202,7 +213,7 @@ def _top_candidates(row, k, group, gkey, hist, ckey, cidx, lowest):
                     cidx[count] = np.int32(j)
                     count += key >= threshold
     if count > k:
-        _partition_top(ckey, cidx, count, k)
+        _keep_top(ckey, cidx, count, k, spare_keys, spare_idx)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
@@ -217,6 +228,8 @@ def top_k_fp32(x, bits, k, group, chunks, fully_sorted, out_vals, out_idx):
         hist = np.empty(256, dtype=np.int64)
         ckey = np.empty(width + 1, dtype=np.int32)
         cidx = np.empty(width + 1, dtype=np.int32)
+        spare_keys = np.empty((2, width + 1), dtype=np.int32)
+        spare_idx = np.empty((2, width + 1), dtype=np.int32)
         for r in range(c * per, min(n_rows, (c + 1) * per)):
             lowest = _group_keys(bits[r], group, gkey)
             if gkey.max() > _INF_KEY or lowest < ~_INF_KEY:
@@ -224,7 +237,9 @@ def top_k_fp32(x, bits, k, group, chunks, fully_sorted, out_vals, out_idx):
                     out_vals[r, t] = np.nan
                     out_idx[r, t] = t
                 continue
-            _top_candidates(bits[r], k, group, gkey, hist, ckey, cidx, lowest)
+            _top_candidates(
+                bits[r], k, group, gkey, hist, ckey, cidx, spare_keys, spare_idx, lowest
+            )
             if fully_sorted:
                 order = np.argsort(ckey[:k])[::-1]
                 for t in range(k):
@@ -324,6 +339,8 @@ def row_statistics_fp32(
         hist = np.empty(256, dtype=np.int64)
         ckey = np.empty(width + 1, dtype=np.int32)
         cidx = np.empty(width + 1, dtype=np.int32)
+        spare_keys = np.empty((2, width + 1), dtype=np.int32)
+        spare_idx = np.empty((2, width + 1), dtype=np.int32)
         for r in range(c * per, min(n_rows, (c + 1) * per)):
             row = x[r]
             lowest = _group_keys(bits[r], group, gkey)
@@ -340,7 +357,9 @@ def row_statistics_fp32(
             tie = False
             kth = np.float32(0.0)
             if find_topk:
-                _top_candidates(bits[r], want, group, gkey, hist, ckey, cidx, lowest)
+                _top_candidates(
+                    bits[r], want, group, gkey, hist, ckey, cidx, spare_keys, spare_idx, lowest
+                )
                 _order_ends(ckey, cidx, want)
                 for t in range(kk):
                     block[r, t] = row[cidx[t]]

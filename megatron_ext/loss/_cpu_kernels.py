@@ -16,13 +16,23 @@ loops instead of vectorising them and the kernels run 2-3x slower.
 
 from __future__ import annotations
 
+import math
+from types import FunctionType
+
 import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-__all__ = ["row_statistics_fp32", "top_k_fp32"]
+__all__ = [
+    "MERGED_ROWS",
+    "Kernel",
+    "gradient_fp32",
+    "merge_fp32",
+    "row_statistics_fp32",
+    "top_k_fp32",
+]
 
 _MASK = np.int32(0x7FFFFFFF)
 _MIN_KEY = np.int32(-(2**31))
@@ -45,6 +55,19 @@ _P3, _P4, _P5 = (
 )
 
 
+class Kernel:
+    """One kernel compiled twice: `parallel` splits its rows over numba's threads, `serial` runs
+    them on the calling thread (a parallel launch costs ~65 us even on one thread, more than a
+    small call's work). Both take the number of row chunks as their last argument."""
+
+    def __init__(self, fn):
+        twin = FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__)
+        twin.__qualname__ = fn.__qualname__ + "_serial"  # its own entry in numba's disk cache
+        self.parallel = numba.njit(parallel=True, nogil=True, cache=True)(fn)
+        self.serial = numba.njit(nogil=True, cache=True)(twin)
+        self.__doc__ = fn.__doc__
+
+
 @intrinsic
 def _bits_to_float(typingctx, bits):
     """The fp32 whose bits are the int32 `bits`."""
@@ -62,10 +85,9 @@ def _key(b):
     return np.int32(b ^ np.int32(np.int32(b >> np.int32(31)) & _MASK))
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(inline="always")
 def _exp_nonpositive(d):
-    """exp(d) for a finite fp32 d <= 0; 0 below _EXP_MIN. Not inlined by numba, so that the
-    fast-math flags of its callers (reassoc) cannot merge the two halves of ln 2."""
+    """exp(d) for a fp32 d <= 0; 0 below _EXP_MIN (and for NaN)."""
     x = d if d > _EXP_MIN else _EXP_MIN
     fx = np.floor(x * _LOG2E + np.float32(0.5))
     r = x - fx * _LN2_HI - fx * _LN2_LO
@@ -75,15 +97,46 @@ def _exp_nonpositive(d):
     return y * scale if d >= _EXP_MIN else np.float32(0.0)
 
 
+@numba.njit(nogil=True, cache=True)
+def _exp_nonpositive_strict(d):
+    """_exp_nonpositive compiled on its own, for callers with fast-math flags: inlined by numba,
+    their reassoc would merge the two halves of ln 2 (16 ulp instead of 2)."""
+    return _exp_nonpositive(d)
+
+
+_SAMPLE = 7
+
+
+@numba.njit(inline="always")
+def _pivot(keys, lo, hi, need, sample):
+    """A key of keys[lo:hi] near the need-th largest: the matching rank of an evenly spaced,
+    sorted sample (the median of three for short ranges)."""
+    size = hi - lo
+    if size < 8 * _SAMPLE:
+        a, b, c = keys[lo], keys[(lo + hi) >> 1], keys[hi - 1]
+        return max(min(a, b), min(max(a, b), c))
+    step = size // (_SAMPLE + 1)
+    for i in range(_SAMPLE):
+        v = keys[lo + (i + 1) * step]
+        j = i
+        while j > 0 and sample[j - 1] > v:  # insertion sort, ascending
+            sample[j] = sample[j - 1]
+            j -= 1
+        sample[j] = v
+    rank = (_SAMPLE + 1) * (size - need) // size  # of the wanted key, in the sample's order
+    return sample[min(_SAMPLE - 1, max(0, rank - 1))]
+
+
 @numba.njit(inline="always")
 def _keep_top(keys, idx, n, k, spare_keys, spare_idx):
     """Reorder keys[:n] / idx[:n] so that their first k are the k largest: a quickselect whose
     partitions are branch-free (each key is written to every side, and only the side it belongs
-    to advances), three-way around a median of three. spare_*: [2, >= n] scratch."""
+    to advances), three-way around a pivot sampled near the wanted rank, so that one pass leaves
+    little for the next. spare_*: [2, >= n] scratch."""
     lo, hi, need = 0, n, k
+    sample = np.empty(_SAMPLE, dtype=keys.dtype)
     while need > 0 and hi - lo > need:
-        a, b, c = keys[lo], keys[(lo + hi) >> 1], keys[hi - 1]
-        pivot = max(min(a, b), min(max(a, b), c))
+        pivot = _pivot(keys, lo, hi, need, sample)
         n_gt, n_eq, n_lt = lo, 0, 0
         for i in range(lo, hi):
             key, col = keys[i], idx[i]
@@ -216,8 +269,8 @@ def _top_candidates(row, k, group, gkey, hist, ckey, cidx, spare_keys, spare_idx
         _keep_top(ckey, cidx, count, k, spare_keys, spare_idx)
 
 
-@numba.njit(parallel=True, nogil=True, cache=True)
-def top_k_fp32(x, bits, k, group, chunks, fully_sorted, out_vals, out_idx):
+@Kernel
+def top_k_fp32(x, bits, k, group, fully_sorted, out_vals, out_idx, chunks):
     """out_vals[r] / out_idx[r] = the k largest values of x[r] ([n, V] fp32; bits is x viewed as
     int32) and their columns. Rows with a NaN get NaN values (torch.topk ranks NaN first)."""
     n_rows, width = bits.shape
@@ -260,7 +313,7 @@ def _exp_row(row, m, out_row):
     t = 0.0
     for j in range(row.shape[0]):
         d = row[j] - m
-        e = _exp_nonpositive(d)
+        e = _exp_nonpositive_strict(d)
         out_row[j] = e
         s += np.float64(e)
         t += np.float64(d * e)
@@ -275,7 +328,7 @@ def _exp_row_inplace(row, m):
     t = 0.0
     for j in range(row.shape[0]):
         d = row[j] - m
-        e = _exp_nonpositive(d)
+        e = _exp_nonpositive_strict(d)
         row[j] = e
         s += np.float64(e)
         t += np.float64(d * e)
@@ -301,7 +354,7 @@ def _exp_row_ties(row, m, kth, negate, out_row):
     return s, t, count
 
 
-@numba.njit(parallel=True, nogil=True, cache=True)
+@Kernel
 def row_statistics_fp32(
     x,
     bits,
@@ -310,13 +363,13 @@ def row_statistics_fp32(
     look_beyond,
     mark,
     group,
-    chunks,
     out,
     in_place,
     block,
     cols,
     top_idx,
     ties,
+    chunks,
 ):
     """The forward of functional.shard_statistics for fp32 logits x [n, Vp] (bits: x as int32).
 
@@ -381,3 +434,182 @@ def row_statistics_fp32(
                 s, t = _exp_row(row, m, out[r])
             block[r, cols[0]] = s
             block[r, cols[1]] = t
+
+
+@intrinsic
+def _float_to_bits(typingctx, value):
+    """The int32 bits of the fp32 `value`."""
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(types.float32), codegen
+
+
+# Rows of merge_fp32's output block.
+MERGED_ROWS = (
+    "loss",
+    "entropy",
+    "target_prob",
+    "target_logprob",
+    "topk_mass",
+    "shift",
+    "tau",
+    "w_pos",
+    "weight_sum",
+    "bad_target",
+    "non_finite",
+)
+_FP32_TINY = 1.1754943508222875e-38
+
+
+@Kernel
+def merge_fp32(gathered, valid, kk, k, find_topk, beta, lambda_head, lambda_tail, out, chunks):
+    """functional.merge_statistics for fp32 blocks gathered [tp, N, kk + 6], one row at a time
+    (fp64 scalars): out [len(MERGED_ROWS), N] fp32, in MERGED_ROWS order (the two flags 0/1)."""
+    tp, n_rows = gathered.shape[0], gathered.shape[1]
+    n_cand = tp * kk
+    per = (n_rows + chunks - 1) // chunks
+    for c in numba.prange(chunks):
+        ckey = np.empty(n_cand + 1, dtype=np.int32)
+        cidx = np.empty(n_cand + 1, dtype=np.int32)
+        spare_keys = np.empty((2, n_cand + 1), dtype=np.int32)
+        spare_idx = np.empty((2, n_cand + 1), dtype=np.int32)
+        for r in range(c * per, min(n_rows, (c + 1) * per)):
+            m = -np.inf
+            for i in range(tp):
+                m_i = np.float64(gathered[i, r, 0])
+                m = m_i if m_i > m or m_i != m_i else m  # NaN sticks (amax's rule)
+                if m != m:
+                    break
+            s = 0.0
+            t = 0.0
+            zx = 0.0
+            owners = 0.0
+            for i in range(tp):
+                m_i = np.float64(gathered[i, r, 0])
+                s_i = np.float64(gathered[i, r, kk])
+                scale = math.exp(m_i - m)
+                s += s_i * scale
+                t += scale * (np.float64(gathered[i, r, kk + 1]) + (m_i - m) * s_i)
+                zx += gathered[i, r, kk + 2]
+                owners += gathered[i, r, kk + 3]
+            log_s = math.log(s)
+            logprob = zx - m - log_s
+            prob = math.exp(logprob)
+            target_e = prob * s
+            target_e_shifted = target_e * (zx - m)
+            tau = np.inf
+            head = 0.0
+            head_shifted = 0.0
+            in_head = False
+            if find_topk:
+                if k == n_cand:
+                    tau = np.inf
+                    for i in range(tp):
+                        for j in range(kk):
+                            tau = min(tau, np.float64(gathered[i, r, j]))
+                else:
+                    for i in range(tp):
+                        for j in range(kk):
+                            ckey[i * kk + j] = _key(_float_to_bits(gathered[i, r, j]))
+                    _keep_top(ckey, cidx, n_cand, k, spare_keys, spare_idx)
+                    low = ckey[0]
+                    for j in range(1, k):
+                        low = min(low, ckey[j])
+                    tau = _bits_to_float(np.int32(low ^ np.int32(np.int32(low >> 31) & _MASK)))
+                m32 = np.float32(m)
+                for i in range(tp):
+                    for j in range(kk):
+                        v = gathered[i, r, j]
+                        if v >= tau:
+                            e = np.float64(_exp_nonpositive(v - m32))
+                            head += e
+                            head_shifted += e * (np.float64(v) - m)
+                extra = 0.0
+                for i in range(tp):
+                    if gathered[i, r, kk - 1] == tau:
+                        extra += gathered[i, r, kk + 4] - kk
+                e_tau = math.exp(tau - m)
+                head += extra * e_tau
+                head_shifted += extra * e_tau * (tau - m)
+                in_head = zx >= tau
+            head_neg = head - target_e * in_head
+            head_neg_shifted = head_shifted - target_e_shifted * in_head
+            tail_neg = s - head - target_e * (not in_head)
+            tail_neg_shifted = t - head_shifted - target_e_shifted * (not in_head)
+            p_head, p_tail = head_neg / s, tail_neg / s
+            plogp_head = head_neg_shifted / s - log_s * p_head
+            plogp_tail = tail_neg_shifted / s - log_s * p_tail
+            if beta == 0.0:
+                w_pos = 1.0
+            else:
+                one_minus_p = max(-math.expm1(logprob), _FP32_TINY)
+                w_pos = math.exp((1.0 - one_minus_p**beta) * logprob)
+            weight_sum = w_pos + lambda_head * p_head + lambda_tail * p_tail
+            loss = -(w_pos * logprob + lambda_head * plogp_head + lambda_tail * plogp_tail)
+            ok = valid[r]
+            out[0, r] = loss if ok else 0.0
+            out[1, r] = log_s - t / s
+            out[2, r] = prob if ok else 0.0
+            out[3, r] = logprob if ok else 0.0
+            out[4, r] = head / s if find_topk else np.nan
+            out[5, r] = m + log_s
+            out[6, r] = tau
+            out[7, r] = w_pos if ok else 0.0
+            out[8, r] = weight_sum if ok else 0.0
+            out[9, r] = ok and owners != 1.0
+            out[10, r] = not (np.isfinite(m) and np.isfinite(s) and np.isfinite(t))
+
+
+@Kernel
+def gradient_fp32(
+    buf, scalars, marked, local_values, top_idx, local_t, lambda_head, lambda_tail, kk, chunks
+):
+    """functional.shard_gradient_ for a fp32 buffer [N, Vp] (exp(z - m_r), sign-marked rows),
+    in place, one row at a time. scalars [7, N] fp32: grad_loss * valid, local_max, shift, tau,
+    target_logprob, w_pos, weight_sum; marked [N] bool: rows the forward sign-marked;
+    local_values / top_idx [N, kk] (no rows without rank-split rewards); local_t [N] the
+    target's column, -1 where this slice does not own it."""
+    n_rows, width = buf.shape
+    fix_top = top_idx.shape[0] > 0
+    per = (n_rows + chunks - 1) // chunks
+    for c in numba.prange(chunks):
+        for r in range(c * per, min(n_rows, (c + 1) * per)):
+            g = np.float64(scalars[0, r])
+            shift = np.float64(scalars[2, r])
+            tau = scalars[3, r]
+            weight_sum = np.float64(scalars[6, r])
+            row_scale = g * math.exp(np.float64(scalars[1, r]) - shift)
+            a = np.float32(row_scale * (weight_sum - lambda_tail))
+            row = buf[r]
+            members_marked = False
+            if marked[r]:
+                # kk-th value == tau: every marked logit is in the set; else the marks are stale
+                members_marked = local_values[r, kk - 1] == tau
+                b = np.float32(row_scale * (weight_sum - lambda_head)) if members_marked else a
+                for j in range(width):
+                    e = row[j]
+                    row[j] = a * e if e >= 0.0 else -b * e
+            else:
+                _scale_row(row, a)
+            if fix_top and not members_marked:
+                coef = np.float32(g * (lambda_tail - lambda_head))
+                shift32 = scalars[2, r]
+                for t in range(kk):
+                    v = local_values[r, t]
+                    if v >= tau:
+                        row[top_idx[r, t]] += coef * _exp_nonpositive(v - shift32)
+            if local_t[r] >= 0:
+                logprob = np.float64(scalars[4, r])
+                row[local_t[r]] = np.float32(
+                    g * (weight_sum * math.exp(logprob) - np.float64(scalars[5, r]))
+                )
+
+
+@numba.njit(nogil=True, cache=True)
+def _scale_row(row, a):
+    for j in range(row.shape[0]):
+        row[j] *= a

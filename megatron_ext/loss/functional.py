@@ -33,7 +33,7 @@ import torch
 
 from megatron_ext.loss.config import RewardShapingConfig
 from megatron_ext.loss.reference import ShapedLossStats, positive_weight
-from megatron_ext.loss.select import GROUP, cpu_kernels, kernel_threads, top_k_rows
+from megatron_ext.loss.select import GROUP, cpu_kernels, run_kernel, top_k_rows
 
 __all__ = [
     "vocab_range",
@@ -175,23 +175,24 @@ def shard_statistics(
         ties = torch.zeros(n, dtype=torch.bool)
         no_idx = torch.empty(0, kk, dtype=torch.long)
         cols = torch.tensor([kk + _S, kk + _T, kk + _CNT], dtype=torch.int64)
-        with kernel_threads(n) as threads:
-            kernels.row_statistics_fp32(
-                logits.numpy(),
-                logits.view(torch.int32).numpy(),
-                kk,
-                plan.find_topk,
-                look_beyond,
-                plan.mark_head,
-                GROUP,
-                threads,
-                out.numpy(),
-                out.data_ptr() == logits.data_ptr(),
-                block.numpy(),
-                cols.numpy(),
-                (top_idx if top_idx is not None else no_idx).numpy(),
-                ties.numpy(),
-            )
+        run_kernel(
+            kernels.row_statistics_fp32,
+            n,
+            logits.numel(),
+            logits.numpy(),
+            logits.view(torch.int32).numpy(),
+            kk,
+            plan.find_topk,
+            look_beyond,
+            plan.mark_head,
+            GROUP,
+            out.numpy(),
+            out.data_ptr() == logits.data_ptr(),
+            block.numpy(),
+            cols.numpy(),
+            (top_idx if top_idx is not None else no_idx).numpy(),
+            ties.numpy(),
+        )
         marked_rows = ties.nonzero().squeeze(1) if plan.mark_head else None
         return block, top_idx, marked_rows
     if plan.find_topk:
@@ -263,6 +264,43 @@ def merge_statistics(
 ) -> MergedStatistics:
     """Combine the per-slice blocks [tp, N, kk + 6] into the loss and the backward's scalars."""
     kk = plan.kk
+    vp_col = gathered[..., -1]
+    unequal = bool((vp_col != vp_col[0:1]).any())
+    kernels = cpu_kernels() if gathered.device.type == "cpu" else None
+    if kernels is not None and gathered.dtype == torch.float32:
+        n = gathered.shape[1]
+        out = torch.empty(len(kernels.MERGED_ROWS), n, dtype=torch.float32)
+        run_kernel(
+            kernels.merge_fp32,
+            n,
+            gathered.numel(),
+            gathered.contiguous().numpy(),
+            valid.numpy(),
+            kk,
+            min(config.top_k, vocab_size),
+            plan.find_topk,
+            config.beta,
+            config.lambda_head,
+            config.lambda_tail,
+            out.numpy(),
+        )
+        r = dict(zip(kernels.MERGED_ROWS, out, strict=True))
+        return MergedStatistics(
+            loss=r["loss"],
+            stats=ShapedLossStats(
+                entropy=r["entropy"],
+                target_prob=r["target_prob"],
+                target_logprob=r["target_logprob"],
+                topk_mass=r["topk_mass"],
+            ),
+            shift=r["shift"],
+            tau=r["tau"],
+            w_pos=r["w_pos"],
+            weight_sum=r["weight_sum"],
+            bad_target=r["bad_target"] > 0,
+            non_finite=r["non_finite"] > 0,
+            unequal_slices=unequal,
+        )
     values = gathered[..., :kk]  # [tp, N, kk]
     col = gathered[..., kk:]  # [tp, N, 6]
     m_r = values[..., 0]  # [tp, N]
@@ -321,7 +359,6 @@ def merge_statistics(
     )
 
     zero = torch.zeros_like(loss)
-    vp_col = col[..., _VP]
     return MergedStatistics(
         loss=torch.where(valid, loss, zero),
         stats=ShapedLossStats(
@@ -336,7 +373,7 @@ def merge_statistics(
         weight_sum=torch.where(valid, weight_sum, zero),
         bad_target=valid & (owners != 1),
         non_finite=~(torch.isfinite(m) & torch.isfinite(sum_exp) & torch.isfinite(sum_exp_shifted)),
-        unequal_slices=bool((vp_col != vp_col[0:1]).any()),
+        unequal_slices=unequal,
     )
 
 
@@ -366,6 +403,31 @@ def shard_gradient_(
     """
     n, vp = buf.shape
     g = grad_loss.float() * valid
+    kernels = cpu_kernels() if buf.device.type == "cpu" and buf.is_contiguous() else None
+    if kernels is not None:
+        marked = torch.zeros(n, dtype=torch.bool)
+        if marked_rows is not None:
+            marked[marked_rows] = True
+        scalars = torch.stack(
+            [g, local_max, merged_shift, tau, target_logprob, w_pos, weight_sum]
+        ).float()
+        no_top = torch.empty(0, plan.kk)
+        local_t = torch.where(owns_target, target - vocab_start, -1)
+        run_kernel(
+            kernels.gradient_fp32,
+            n,
+            buf.numel(),
+            buf.numpy(),
+            scalars.numpy(),
+            marked.numpy(),
+            (local_top_values if plan.save_topk_indices else no_top).numpy(),
+            (local_top_idx if plan.save_topk_indices else no_top.long()).numpy(),
+            local_t.numpy(),
+            config.lambda_head,
+            config.lambda_tail,
+            plan.kk,
+        )
+        return buf
     # p_j = |buf_j| * exp(m_r - shift); every logit first gets the tail coefficient W - lambda_tail.
     row_scale = g * torch.exp(local_max - merged_shift)  # [N]
     coef_tail = (row_scale * (weight_sum - config.lambda_tail)).unsqueeze(1)  # [N, 1]

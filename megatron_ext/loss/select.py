@@ -19,13 +19,12 @@ torch.topk gives it.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 
 import torch
 
-__all__ = ["GROUP", "cpu_kernels", "kernel_threads", "top_k_rows"]
+__all__ = ["GROUP", "cpu_kernels", "run_kernel", "top_k_rows"]
 
 GROUP = 32
 """Logits per group of the CPU kernel's narrowing step."""
@@ -48,17 +47,23 @@ def cpu_kernels():
     return _cpu_kernels
 
 
-@contextlib.contextmanager
-def kernel_threads(rows: int):
-    """Run a CPU kernel on as many threads as torch uses (at most one per row); yields that
-    number (the kernels split their rows into that many chunks)."""
+_SERIAL_BELOW = 1 << 18  # elements: under this a thread-pool launch costs more than it saves
+
+
+def run_kernel(kernel, rows: int, elements: int, *args) -> None:
+    """Run a CPU kernel (a _cpu_kernels.Kernel) over `rows` rows holding `elements` values in
+    all: on as many threads as torch uses (at most one per row), or on this thread alone when
+    torch uses one or the work is small. The kernel gets the number of row chunks last."""
     import numba
 
     threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, rows))
+    if threads == 1 or elements < _SERIAL_BELOW:
+        kernel.serial(*args, 1)
+        return
     previous = numba.get_num_threads()
     numba.set_num_threads(threads)
     try:
-        yield threads
+        kernel.parallel(*args, threads)
     finally:
         numba.set_num_threads(previous)
 
@@ -87,15 +92,16 @@ def top_k_rows(
     x = x.contiguous()
     values = torch.empty(n, k, dtype=x.dtype)
     indices = torch.empty(n, k, dtype=torch.int64)
-    with kernel_threads(n) as threads:
-        kernels.top_k_fp32(
-            x.numpy(),
-            x.view(torch.int32).numpy(),
-            k,
-            GROUP,
-            threads,
-            fully_sorted,
-            values.numpy(),
-            indices.numpy(),
-        )
+    run_kernel(
+        kernels.top_k_fp32,
+        n,
+        x.numel(),
+        x.numpy(),
+        x.view(torch.int32).numpy(),
+        k,
+        GROUP,
+        fully_sorted,
+        values.numpy(),
+        indices.numpy(),
+    )
     return values, indices

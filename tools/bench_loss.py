@@ -4,7 +4,7 @@
 Forward + backward time and peak memory of every preset on the same inputs, in one run, printed
 as ratios to megatron-core's cross-entropy. On CPU the peak is the process's peak resident memory
 (VmHWM, reset before the loss), measured in a fresh subprocess per method that first loads the
-CPU top-k kernel's runtime (reported apart) and makes one call on 8 positions; on CUDA it is
+loss's CPU kernels (reported apart) and makes one call on 8 positions; on CUDA it is
 torch.cuda.max_memory_allocated.
 
     python tools/bench_loss.py                      # T=4096, V=32768, fp32, on CUDA if present
@@ -25,7 +25,6 @@ import torch
 import torch.distributed as dist
 
 from megatron_ext.loss import RewardShapingConfig, vocab_parallel_shaped_cross_entropy
-from megatron_ext.loss.select import GROUP, top_k_rows
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BASELINE = "megatron_ce"
@@ -92,11 +91,12 @@ def measure_memory(args, name: str) -> dict:
     group = _init_single_rank_group()
     fn = _method(name, group)
     base, target = _make_inputs(args)
-    # Every process loads the same runtime first: the compiled CPU top-k kernel (numba and
+    # Every process loads the same runtime first: the loss's compiled CPU kernels (numba and
     # LLVM, loaded once per process; its cost is reported apart as runtime_bytes). Then one
     # small call, as every call after a training loop's first.
     runtime_before = _peak_rss() if args.device != "cuda" else 0
-    top_k_rows(torch.zeros(1, GROUP * 4 * 101), 101)
+    warm = torch.randn(2, 1, 512, requires_grad=True)
+    _forward_backward(_method("tail_suppression", group), warm, torch.zeros(2, 1, dtype=torch.long))
     runtime_bytes = (_peak_rss() - runtime_before) if args.device != "cuda" else 0
     _forward_backward(fn, base[:8].clone().requires_grad_(), target[:8])
     x = base.requires_grad_()
@@ -203,7 +203,7 @@ def main() -> None:
     if memory and args.device != "cuda":
         runtime = memory[BASELINE]["runtime_bytes"] / 2**20
         print(
-            f"(every process first loads the CPU top-k kernel's runtime, numba + LLVM: "
+            f"(every process first loads the loss's CPU kernels, numba + LLVM: "
             f"+{runtime:.0f} MiB resident, once per process, counted in every peak above)"
         )
     if args.json:

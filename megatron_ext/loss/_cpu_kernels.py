@@ -128,41 +128,39 @@ def _pivot(keys, lo, hi, need, sample):
 
 
 @numba.njit(inline="always")
-def _keep_top(keys, idx, n, k, spare_keys, spare_idx):
-    """Reorder keys[:n] / idx[:n] so that their first k are the k largest: a quickselect whose
-    partitions are branch-free (each key is written to every side, and only the side it belongs
-    to advances), three-way around a pivot sampled near the wanted rank, so that one pass leaves
-    little for the next. spare_*: [2, >= n] scratch."""
+def _keep_top(keys, idx, n, k, spare):
+    """Reorder keys[:n] / idx[:n] so that their first k are the k largest: a quickselect over
+    (key << 32 | column) in one int64 (unique, so no ties to handle; one value moved per key),
+    whose partitions are branch-free (each value is written to both sides, and only the side it
+    belongs to advances), around a pivot sampled near the wanted rank, so that one pass leaves
+    little for the next. spare: [2, >= n] int64 scratch."""
+    packed = spare[0]
+    smaller = spare[1]
+    for i in range(n):
+        packed[i] = (np.int64(keys[i]) << 32) | np.int64(idx[i])
     lo, hi, need = 0, n, k
-    sample = np.empty(_SAMPLE, dtype=keys.dtype)
+    sample = np.empty(_SAMPLE, dtype=np.int64)
     while need > 0 and hi - lo > need:
-        pivot = _pivot(keys, lo, hi, need, sample)
-        n_gt, n_eq, n_lt = lo, 0, 0
+        pivot = _pivot(packed, lo, hi, need, sample)
+        n_gt, n_lt = lo, 0
         for i in range(lo, hi):
-            key, col = keys[i], idx[i]
-            keys[n_gt] = key  # n_gt <= i: nothing unread is overwritten
-            idx[n_gt] = col
-            spare_keys[0, n_eq] = key
-            spare_idx[0, n_eq] = col
-            spare_keys[1, n_lt] = key
-            spare_idx[1, n_lt] = col
-            n_gt += key > pivot
-            n_eq += key == pivot
-            n_lt += key < pivot
-        if n_gt - lo >= need:  # the k largest left lie among the larger keys
+            v = packed[i]
+            packed[n_gt] = v  # n_gt <= i: nothing unread is overwritten
+            smaller[n_lt] = v
+            n_gt += v > pivot
+            n_lt += v < pivot
+        if n_gt - lo >= need:  # the k largest left lie among the larger values
             hi = n_gt
             continue
-        need -= n_gt - lo
-        take = min(need, n_eq)
-        for t in range(take):
-            keys[n_gt + t] = pivot
-            idx[n_gt + t] = spare_idx[0, t]
-        need -= take
-        lo = n_gt + take
+        need -= n_gt - lo + 1  # and the pivot itself
+        packed[n_gt] = pivot
+        lo = n_gt + 1
         for t in range(n_lt):
-            keys[lo + t] = spare_keys[1, t]
-            idx[lo + t] = spare_idx[1, t]
+            packed[lo + t] = smaller[t]
         hi = lo + n_lt
+    for t in range(k):
+        keys[t] = np.int32(packed[t] >> 32)
+        idx[t] = np.int32(packed[t] & 0x7FFFFFFF)
 
 
 @numba.njit(inline="always")
@@ -237,7 +235,7 @@ def _group_keys(row, group, gkey):
 
 
 @numba.njit(inline="always")
-def _top_candidates(row, k, group, gkey, hist, ckey, cidx, spare_keys, spare_idx, lowest):
+def _top_candidates(row, k, group, gkey, hist, ckey, cidx, spare, lowest):
     """ckey[:k] / cidx[:k] = the k largest keys of row and their columns, given gkey and the
     row's smallest key from _group_keys; the k groups with the largest maxima each hold a value
     at least the k-th largest group maximum, so a floor at or below it leaves every one of the k
@@ -266,7 +264,7 @@ def _top_candidates(row, k, group, gkey, hist, ckey, cidx, spare_keys, spare_idx
                     cidx[count] = np.int32(j)
                     count += key >= threshold
     if count > k:
-        _keep_top(ckey, cidx, count, k, spare_keys, spare_idx)
+        _keep_top(ckey, cidx, count, k, spare)
 
 
 @Kernel
@@ -281,8 +279,7 @@ def top_k_fp32(x, bits, k, group, fully_sorted, out_vals, out_idx, chunks):
         hist = np.empty(256, dtype=np.int64)
         ckey = np.empty(width + 1, dtype=np.int32)
         cidx = np.empty(width + 1, dtype=np.int32)
-        spare_keys = np.empty((2, width + 1), dtype=np.int32)
-        spare_idx = np.empty((2, width + 1), dtype=np.int32)
+        spare = np.empty((2, width + 1), dtype=np.int64)
         for r in range(c * per, min(n_rows, (c + 1) * per)):
             lowest = _group_keys(bits[r], group, gkey)
             if gkey.max() > _INF_KEY or lowest < ~_INF_KEY:
@@ -290,9 +287,7 @@ def top_k_fp32(x, bits, k, group, fully_sorted, out_vals, out_idx, chunks):
                     out_vals[r, t] = np.nan
                     out_idx[r, t] = t
                 continue
-            _top_candidates(
-                bits[r], k, group, gkey, hist, ckey, cidx, spare_keys, spare_idx, lowest
-            )
+            _top_candidates(bits[r], k, group, gkey, hist, ckey, cidx, spare, lowest)
             if fully_sorted:
                 order = np.argsort(ckey[:k])[::-1]
                 for t in range(k):
@@ -392,8 +387,7 @@ def row_statistics_fp32(
         hist = np.empty(256, dtype=np.int64)
         ckey = np.empty(width + 1, dtype=np.int32)
         cidx = np.empty(width + 1, dtype=np.int32)
-        spare_keys = np.empty((2, width + 1), dtype=np.int32)
-        spare_idx = np.empty((2, width + 1), dtype=np.int32)
+        spare = np.empty((2, width + 1), dtype=np.int64)
         for r in range(c * per, min(n_rows, (c + 1) * per)):
             row = x[r]
             lowest = _group_keys(bits[r], group, gkey)
@@ -410,9 +404,7 @@ def row_statistics_fp32(
             tie = False
             kth = np.float32(0.0)
             if find_topk:
-                _top_candidates(
-                    bits[r], want, group, gkey, hist, ckey, cidx, spare_keys, spare_idx, lowest
-                )
+                _top_candidates(bits[r], want, group, gkey, hist, ckey, cidx, spare, lowest)
                 _order_ends(ckey, cidx, want)
                 for t in range(kk):
                     block[r, t] = row[cidx[t]]
@@ -475,8 +467,7 @@ def merge_fp32(gathered, valid, kk, k, find_topk, beta, lambda_head, lambda_tail
     for c in numba.prange(chunks):
         ckey = np.empty(n_cand + 1, dtype=np.int32)
         cidx = np.empty(n_cand + 1, dtype=np.int32)
-        spare_keys = np.empty((2, n_cand + 1), dtype=np.int32)
-        spare_idx = np.empty((2, n_cand + 1), dtype=np.int32)
+        spare = np.empty((2, n_cand + 1), dtype=np.int64)
         for r in range(c * per, min(n_rows, (c + 1) * per)):
             m = -np.inf
             for i in range(tp):
@@ -515,7 +506,8 @@ def merge_fp32(gathered, valid, kk, k, find_topk, beta, lambda_head, lambda_tail
                     for i in range(tp):
                         for j in range(kk):
                             ckey[i * kk + j] = _key(_float_to_bits(gathered[i, r, j]))
-                    _keep_top(ckey, cidx, n_cand, k, spare_keys, spare_idx)
+                            cidx[i * kk + j] = i * kk + j
+                    _keep_top(ckey, cidx, n_cand, k, spare)
                     low = ckey[0]
                     for j in range(1, k):
                         low = min(low, ckey[j])

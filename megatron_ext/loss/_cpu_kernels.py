@@ -467,6 +467,7 @@ def merge_fp32(gathered, valid, kk, k, find_topk, beta, lambda_head, lambda_tail
     for c in numba.prange(chunks):
         ckey = np.empty(n_cand + 1, dtype=np.int32)
         cidx = np.empty(n_cand + 1, dtype=np.int32)
+        exps = np.empty(kk, dtype=np.float32)
         spare = np.empty((2, n_cand + 1), dtype=np.int64)
         for r in range(c * per, min(n_rows, (c + 1) * per)):
             m = -np.inf
@@ -514,12 +515,14 @@ def merge_fp32(gathered, valid, kk, k, find_topk, beta, lambda_head, lambda_tail
                     tau = _bits_to_float(np.int32(low ^ np.int32(np.int32(low >> 31) & _MASK)))
                 m32 = np.float32(m)
                 for i in range(tp):
+                    values = gathered[i, r, :kk]
+                    for j in range(kk):  # exps apart from the sums: this loop vectorises
+                        exps[j] = _exp_nonpositive(values[j] - m32)
                     for j in range(kk):
-                        v = gathered[i, r, j]
-                        if v >= tau:
-                            e = np.float64(_exp_nonpositive(v - m32))
+                        if values[j] >= tau:
+                            e = np.float64(exps[j])
                             head += e
-                            head_shifted += e * (np.float64(v) - m)
+                            head_shifted += e * (np.float64(values[j]) - m)
                 extra = 0.0
                 for i in range(tp):
                     if gathered[i, r, kk - 1] == tau:
@@ -569,6 +572,7 @@ def gradient_fp32(
     fix_top = top_idx.shape[0] > 0
     per = (n_rows + chunks - 1) // chunks
     for c in numba.prange(chunks):
+        exps = np.empty(kk, dtype=np.float32)
         for r in range(c * per, min(n_rows, (c + 1) * per)):
             g = np.float64(scalars[0, r])
             shift = np.float64(scalars[2, r])
@@ -590,10 +594,12 @@ def gradient_fp32(
             if fix_top and not members_marked:
                 coef = np.float32(g * (lambda_tail - lambda_head))
                 shift32 = scalars[2, r]
+                values = local_values[r]
+                for t in range(kk):  # exps apart from the scatter: this loop vectorises
+                    exps[t] = coef * _exp_nonpositive(values[t] - shift32)
                 for t in range(kk):
-                    v = local_values[r, t]
-                    if v >= tau:
-                        row[top_idx[r, t]] += coef * _exp_nonpositive(v - shift32)
+                    if values[t] >= tau:
+                        row[top_idx[r, t]] += exps[t]
             if local_t[r] >= 0:
                 logprob = np.float64(scalars[4, r])
                 row[local_t[r]] = np.float32(

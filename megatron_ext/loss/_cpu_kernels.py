@@ -263,6 +263,15 @@ def _top_candidates(row, k, group, gkey, hist, ckey, cidx, spare, lowest):
                     ckey[count] = key
                     cidx[count] = np.int32(j)
                     count += key >= threshold
+    if count > 2 * k:  # many candidates (short rows): narrow them with a histogram floor
+        threshold = np.int32(_prefix_floor(ckey[:count], k, hist) << 16)
+        kept = 0
+        for i in range(count):
+            key = ckey[i]
+            ckey[kept] = key  # kept <= i: nothing unread is overwritten
+            cidx[kept] = cidx[i]
+            kept += key >= threshold
+        count = kept
     if count > k:
         _keep_top(ckey, cidx, count, k, spare)
 

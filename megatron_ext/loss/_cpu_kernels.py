@@ -190,21 +190,34 @@ def _prefix_floor(gkey, k, hist):
 
 @numba.njit(inline="always")
 def _order_ends(keys, idx, k):
-    """The largest of keys[:k] to position 0, the smallest to k - 1, the next smallest to k - 2."""
-    for end in range(min(2, k)):
-        low = 0
-        for t in range(1, k - end):
-            if keys[t] < keys[low]:
-                low = t
-        last = k - 1 - end
-        keys[low], keys[last] = keys[last], keys[low]
-        idx[low], idx[last] = idx[last], idx[low]
-    high = 0
-    for t in range(1, max(1, k - 2)):
-        if keys[t] > keys[high]:
+    """The largest of keys[:k] to position 0, the smallest to k - 1, the next smallest to k - 2
+    (one pass finds the three, then three swaps, each following the moves of the one before)."""
+    high, low, second = 0, 0, -1
+    for t in range(1, k):
+        v = keys[t]
+        if v > keys[high]:
             high = t
-    keys[0], keys[high] = keys[high], keys[0]
-    idx[0], idx[high] = idx[high], idx[0]
+        if v < keys[low]:
+            second, low = low, t
+        elif second < 0 or v < keys[second]:
+            second = t
+    _swap(keys, idx, low, k - 1)
+    if high == k - 1:
+        high = low
+    if second == k - 1:
+        second = low
+    if k >= 2:
+        _swap(keys, idx, second, k - 2)
+        if high == k - 2:
+            high = second
+    if k >= 3:
+        _swap(keys, idx, high, 0)
+
+
+@numba.njit(inline="always")
+def _swap(keys, idx, i, j):
+    keys[i], keys[j] = keys[j], keys[i]
+    idx[i], idx[j] = idx[j], idx[i]
 
 
 @numba.njit(inline="always")

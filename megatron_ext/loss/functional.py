@@ -262,7 +262,9 @@ def merge_statistics(
     plan: ShardPlan,
     vocab_size: int,
 ) -> MergedStatistics:
-    """Combine the per-slice blocks [tp, N, kk + 6] into the loss and the backward's scalars."""
+    """Combine the per-slice blocks [tp, N, kk + 6] into the loss and the backward's scalars
+    (on CPU one kernel, _cpu_kernels.merge_fp32, with fp64 scalars; elsewhere the torch ops
+    below)."""
     kk = plan.kk
     vp_col = gathered[..., -1]
     unequal = bool((vp_col != vp_col[0:1]).any())
@@ -399,7 +401,8 @@ def shard_gradient_(
     """Turn buf [N, Vp] (exp(z - m_r), sign-marked rows) into dloss/dz of this slice, in place.
 
     grad_loss [N] is the upstream gradient of the per-position loss; ignored positions (valid False)
-    get a zero gradient whatever it says.
+    get a zero gradient whatever it says. On CPU one kernel (_cpu_kernels.gradient_fp32) does it
+    row by row; elsewhere the torch ops below.
     """
     n, vp = buf.shape
     g = grad_loss.float() * valid

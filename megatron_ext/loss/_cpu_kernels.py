@@ -4,6 +4,9 @@
 - `row_statistics_fp32`: the forward of one vocabulary slice (functional.shard_statistics) in one
   read of each row from memory: the row's top values (or only its maximum), then, while the row
   is still in cache, exp(z - m) written out with its sums.
+- `merge_fp32`: functional.merge_statistics over the gathered blocks, one row at a time.
+- `gradient_fp32`: functional.shard_gradient_, in place, one pass per row.
+Each is a `Kernel`: a parallel and a serial build of the same code (select.run_kernel picks).
 
 Comparisons are made on an integer key of each fp32 logit's bits, `b ^ ((b >> 31) & 0x7FFFFFFF)`,
 whose signed order is the float order (-0.0 just below +0.0; a NaN of either sign lies beyond

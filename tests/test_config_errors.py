@@ -12,8 +12,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -42,11 +40,10 @@ from megatron_ext.training.cli import main
 from megatron_ext.training.synthetic import write_synthetic_dataset
 from tests import _workers_config_errors as w
 from tests.reliability_report import record
-from tests.tiny_run import tiny_run_config
+from tests.tiny_run import run_training_cli, tiny_run_config
 
 pytestmark = pytest.mark.reliability
 
-REPO = Path(__file__).resolve().parents[1]
 VOCAB = 256  # the tiny model's and the synthetic dataset's vocabulary
 NO_WORK = {"init_distributed": 0, "initialize_model_parallel": 0, "build_model": 0, "train_step": 0}
 """Call counts of a run refused by its configuration: nothing was set up."""
@@ -423,20 +420,11 @@ def test_bad_data_through_the_command_line(data_prefix, tmp_path):
     prefix = _copy_dataset(data_prefix, tmp_path / "data" / "bad")
     description, bad_file, parts = _corrupt(prefix, "token-id")
     log_dir, save_dir = tmp_path / "logs", tmp_path / "ckpt"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR")}
     argv = ["--model", "tiny", "--data-path", prefix, "--train-steps", "2"]
     argv += ["--global-batch-size", "4", "--micro-batch-size", "2", "--warmup-steps", "0"]
     argv += ["--log-dir", str(log_dir), "--save", str(save_dir)]
     start = time.perf_counter()
-    out = subprocess.run(
-        [sys.executable, "-m", "megatron_ext.training", *argv],
-        check=False,
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    out = run_training_cli(*argv)
     seconds = time.perf_counter() - start
     assert out.returncode == 1, out.stderr[-3000:]
     errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]

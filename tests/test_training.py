@@ -6,10 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch.distributed as dist
@@ -30,9 +26,7 @@ from megatron_ext.training import (
 from megatron_ext.training.cli import config_from_args, parse_args
 from megatron_ext.training.synthetic import write_synthetic_dataset
 from tests import _workers_training as w
-from tests.tiny_run import tiny_run_config
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.tiny_run import run_training_cli, tiny_run_config
 
 
 @pytest.fixture(scope="module")
@@ -330,25 +324,13 @@ def test_cli_runs_a_single_process(tmp_path, data_prefix):
     }
     path = tmp_path / "run.json"
     path.write_text(json.dumps(config))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR")}
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "megatron_ext.training",
-            "--config",
-            str(path),
-            "--log-dir",
-            str(tmp_path / "logs"),
-            "--save",
-            str(tmp_path / "ckpt"),
-        ],
-        check=False,
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
+    out = run_training_cli(
+        "--config",
+        str(path),
+        "--log-dir",
+        str(tmp_path / "logs"),
+        "--save",
+        str(tmp_path / "ckpt"),
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "step 2 | loss" in out.stdout

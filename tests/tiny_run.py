@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 from megatron_ext.models import ModelConfig, model_preset
@@ -24,3 +28,18 @@ def tiny_run_config(
     }
     base.update(overrides)
     return TrainConfig(**base)
+
+
+def run_training_cli(*argv: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`python -m megatron_ext.training *argv` as a single process (no torchrun variables
+    inherited), from the repository root; output captured, exit code not checked."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR")}
+    return subprocess.run(
+        [sys.executable, "-m", "megatron_ext.training", *argv],
+        check=False,
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

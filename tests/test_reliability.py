@@ -75,6 +75,14 @@ def _nan_checkpoints(save_dir: Path) -> int:
     )
 
 
+def _record_nonfinite(save_dir: Path, **fields) -> None:
+    """Check that no checkpoint under save_dir holds a non-finite weight, then report the fault
+    with that count."""
+    nan_checkpoints = _nan_checkpoints(save_dir)
+    assert nan_checkpoints == 0
+    record("nonfinite", **fields, nan_checkpoints_written=nan_checkpoints)
+
+
 def test_nonfinite_loss_skips_the_step(pool2, data_prefix, tmp_path):
     config = _config(data_prefix, tmp_path)  # data parallel: 2 ranks
     outs = pool2.run(w.train_with_faults, config, [{"kind": "nan_logits", "step": 3, "rank": 1}])
@@ -96,16 +104,13 @@ def test_nonfinite_loss_skips_the_step(pool2, data_prefix, tmp_path):
         # checkpoints of steps 2, 4, 6: none of them holds NaN (the save refuses non-finite
         # weights, and the skip kept them finite)
         assert out["save_dir"] == ["iter_0000002", "iter_0000004", "iter_0000006", "latest"]
-    nan_checkpoints = _nan_checkpoints(tmp_path / "ckpt")
-    assert nan_checkpoints == 0
-    record(
-        "nonfinite",
+    _record_nonfinite(
+        tmp_path / "ckpt",
         fault="NaN logits at step 3 on rank 1 (DP=2)",
         policy="skip",
         detected_at_step=3,
         ranks_named=outs[0]["records"][2]["skipped"],
         outcome="step skipped, weights unchanged, run finished 6/6 steps",
-        nan_checkpoints_written=nan_checkpoints,
     )
 
 
@@ -126,16 +131,13 @@ def test_nonfinite_gradients_stop_the_run(pool2, data_prefix, tmp_path):
         assert out["checksums"][2] == out["checksums"][1]  # not applied
         assert out["save_dir"] == ["iter_0000001", "latest"]
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == "1"
-    nan_checkpoints = _nan_checkpoints(tmp_path / "ckpt")
-    assert nan_checkpoints == 0
-    record(
-        "nonfinite",
+    _record_nonfinite(
+        tmp_path / "ckpt",
         fault="NaN gradient of one weight at step 2 on rank 0 (TP=2)",
         policy="stop",
         detected_at_step=2,
         ranks_named="non-finite gradients on rank(s) [0]",
         outcome="NonFiniteError on both ranks; last checkpoint step 1",
-        nan_checkpoints_written=nan_checkpoints,
     )
 
 
@@ -150,16 +152,13 @@ def test_repeated_nonfinite_steps_stop_the_run(pool2, data_prefix, tmp_path):
         assert "3 steps in a row were not finite (max_consecutive_skips=2)" in message
         assert out["checksums"][4] == out["checksums"][1]
         assert out["save_dir"] == ["iter_0000002", "latest"]
-    nan_checkpoints = _nan_checkpoints(tmp_path / "ckpt")
-    assert nan_checkpoints == 0
-    record(
-        "nonfinite",
+    _record_nonfinite(
+        tmp_path / "ckpt",
         fault="NaN logits at every step from step 2 on rank 0",
         policy="skip, max_consecutive_skips=2",
         detected_at_step="2, 3, 4",
         ranks_named="non-finite loss on rank(s) [0]",
         outcome="steps 2-3 skipped, NonFiniteError at step 4",
-        nan_checkpoints_written=nan_checkpoints,
     )
 
 
@@ -174,16 +173,13 @@ def test_nan_weights_are_never_saved(pool2, data_prefix, tmp_path):
         )
         assert out["save_dir"] == ["iter_0000002", "latest"]  # no iter_0000004, no staging
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == "2"
-    nan_checkpoints = _nan_checkpoints(tmp_path / "ckpt")
-    assert nan_checkpoints == 0
-    record(
-        "nonfinite",
+    _record_nonfinite(
+        tmp_path / "ckpt",
         fault="a weight set to NaN after step 4 on rank 1, save due at step 4",
         policy="skip",
         detected_at_step=4,
         ranks_named="weights on rank(s) [1]",
         outcome="save refused (NonFiniteWeightsError), latest stays at step 2",
-        nan_checkpoints_written=nan_checkpoints,
     )
 
 

@@ -112,15 +112,15 @@ def plan_shard(
 
 
 def _fused_cpu_path(logits: torch.Tensor, out: torch.Tensor) -> bool:
-    """Whether the forward can run as one numba kernel: fp32 logits and buffer on CPU, rows
-    contiguous (the kernel reads and writes whole rows; out may be the logits themselves)."""
+    """Whether the forward's inputs suit the numba kernel (when numba is there): fp32 logits and
+    buffer on CPU, rows contiguous (the kernel reads and writes whole rows; out may be the
+    logits themselves)."""
     return (
         logits.device.type == "cpu"
         and logits.dtype == torch.float32
         and logits.numel() > 0
         and logits.is_contiguous()
         and out.is_contiguous()
-        and cpu_kernels() is not None
     )
 
 

@@ -31,6 +31,25 @@ def _rows(kind: str, n: int, width: int, dtype=torch.float32) -> torch.Tensor:
         x[:, 5 * GROUP : 6 * GROUP] += 100.0
     elif kind == "wide_range":  # values spread over many binades, both signs
         x = x * torch.exp2(torch.randint(-30, 30, (n, width), generator=g)).to(dtype)
+    elif kind == "bimodal":  # two far-apart clusters: a poor guess for a search by value
+        x = x + 1e6 * (torch.rand(n, width, generator=g) < 0.3).to(dtype)
+    elif kind == "extremes":  # +-inf, +-max, subnormals and +-0 among ordinary values
+        info = torch.finfo(dtype)
+        pool = torch.tensor(
+            [
+                float("inf"),
+                -float("inf"),
+                info.max,
+                -info.max,
+                info.tiny / 4,
+                -info.tiny / 4,
+                0.0,
+                -0.0,
+            ],
+            dtype=dtype,
+        )
+        pick = torch.randint(0, len(pool), (n, width), generator=g)
+        x = torch.where(torch.rand(n, width, generator=g) < 0.5, pool[pick], x)
     return x
 
 
@@ -42,7 +61,17 @@ def _check(x: torch.Tensor, k: int, values: torch.Tensor, indices: torch.Tensor)
     assert bool((sorted_idx[:, 1:] != sorted_idx[:, :-1]).all())  # no column twice
 
 
-KINDS = ["random", "ties", "ascending", "constant", "neg_inf", "one_group", "wide_range"]
+KINDS = [
+    "random",
+    "ties",
+    "ascending",
+    "constant",
+    "neg_inf",
+    "one_group",
+    "wide_range",
+    "bimodal",
+    "extremes",
+]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -75,7 +104,9 @@ def test_top_k_rows_any_row_length(kind, width, k):
     _check(x, k, values, indices)
 
 
-@pytest.mark.parametrize("kind", ["random", "ties", "ascending", "constant", "wide_range"])
+@pytest.mark.parametrize(
+    "kind", ["random", "ties", "ascending", "constant", "wide_range", "bimodal", "extremes"]
+)
 @pytest.mark.parametrize("k", [1, 2, 3, 101])
 def test_top_k_rows_orders_the_ends(kind, k):
     """fully_sorted=False: the same set of values, the largest first and the two smallest last."""
@@ -151,7 +182,7 @@ def _statistics(logits, target, config, vp_total, in_place, fused, monkeypatch):
     return plan, block, idx, marked, out
 
 
-@pytest.mark.parametrize("kind", ["random", "ties", "neg_inf", "constant", "wide_range"])
+@pytest.mark.parametrize("kind", ["random", "ties", "neg_inf", "constant", "wide_range", "bimodal"])
 @pytest.mark.parametrize(
     "config",
     [

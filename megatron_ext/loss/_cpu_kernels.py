@@ -83,6 +83,18 @@ def _bits_to_float(typingctx, bits):
     return types.float32(types.int32), codegen
 
 
+@intrinsic
+def _float_to_bits(typingctx, value):
+    """The int32 bits of the fp32 `value`."""
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(types.float32), codegen
+
+
 @numba.njit(inline="always")
 def _key(b):
     return np.int32(b ^ np.int32(np.int32(b >> np.int32(31)) & _MASK))
@@ -107,63 +119,97 @@ def _exp_nonpositive_strict(d):
     return _exp_nonpositive(d)
 
 
-_SAMPLE = 7
+@numba.njit(inline="always")
+def _key_value(key):
+    """The fp32 whose key is `key` (an int32 or int64 within int32 range)."""
+    k = np.int32(key)
+    return _bits_to_float(np.int32(k ^ np.int32(np.int32(k >> np.int32(31)) & _MASK)))
 
 
 @numba.njit(inline="always")
-def _pivot(keys, lo, hi, need, sample):
-    """A key of keys[lo:hi] near the need-th largest: the matching rank of an evenly spaced,
-    sorted sample (the median of three for short ranges)."""
-    size = hi - lo
-    if size < 8 * _SAMPLE:
-        a, b, c = keys[lo], keys[(lo + hi) >> 1], keys[hi - 1]
-        return max(min(a, b), min(max(a, b), c))
-    step = size // (_SAMPLE + 1)
-    for i in range(_SAMPLE):
-        v = keys[lo + (i + 1) * step]
-        j = i
-        while j > 0 and sample[j - 1] > v:  # insertion sort, ascending
-            sample[j] = sample[j - 1]
-            j -= 1
-        sample[j] = v
-    rank = (_SAMPLE + 1) * (size - need) // size  # of the wanted key, in the sample's order
-    return sample[min(_SAMPLE - 1, max(0, rank - 1))]
-
-
-@numba.njit(inline="always")
-def _keep_top(keys, idx, n, k, spare):
-    """Reorder keys[:n] / idx[:n] so that their first k are the k largest: a quickselect over
-    (key << 32 | column) in one int64 (unique, so no ties to handle; one value moved per key),
-    whose partitions are branch-free (each value is written to both sides, and only the side it
-    belongs to advances), around a pivot sampled near the wanted rank, so that one pass leaves
-    little for the next. spare: [2, >= n] int64 scratch."""
-    packed = spare[0]
-    smaller = spare[1]
+def _count_at_least(keys, n, p):
+    """How many of keys[:n] are >= p, the smallest of them and the largest key below p (one
+    vectorised pass)."""
+    count = 0
+    above = _MASK
+    below = _MIN_KEY
     for i in range(n):
-        packed[i] = (np.int64(keys[i]) << 32) | np.int64(idx[i])
-    lo, hi, need = 0, n, k
-    sample = np.empty(_SAMPLE, dtype=np.int64)
-    while need > 0 and hi - lo > need:
-        pivot = _pivot(packed, lo, hi, need, sample)
-        n_gt, n_lt = lo, 0
-        for i in range(lo, hi):
-            v = packed[i]
-            packed[n_gt] = v  # n_gt <= i: nothing unread is overwritten
-            smaller[n_lt] = v
-            n_gt += v > pivot
-            n_lt += v < pivot
-        if n_gt - lo >= need:  # the k largest left lie among the larger values
-            hi = n_gt
-            continue
-        need -= n_gt - lo + 1  # and the pivot itself
-        packed[n_gt] = pivot
-        lo = n_gt + 1
-        for t in range(n_lt):
-            packed[lo + t] = smaller[t]
-        hi = lo + n_lt
-    for t in range(k):
-        keys[t] = np.int32(packed[t] >> 32)
-        idx[t] = np.int32(packed[t] & 0x7FFFFFFF)
+        v = keys[i]
+        ge = v >= p
+        count += ge
+        above = min(above, v) if ge else above
+        below = below if ge else max(below, v)
+    return count, above, below
+
+
+@numba.njit(inline="always")
+def _kth_largest(keys, n, k, floor, highest):
+    """(tau, c): tau = the k-th largest of keys[:n], c = how many keys are >= tau (more than k
+    when tau has twins), given that every key is >= floor and the largest is `highest`.
+
+    A search on the count of keys >= p, each count one vectorised pass: p is interpolated between
+    the bounds in value space (logits are smooth there, their keys are not), and after two moves
+    of the same bound p bisects the key interval instead, so that skewed rows take at most about
+    32 more passes. Each pass also returns the nearest keys on either side of p, so the bounds
+    snap to keys and a run of equal keys ends the search at once."""
+    lo, c_lo = np.int64(floor), n  # c(lo) >= k
+    hi, c_hi = np.int64(highest) + 1, 0  # c(hi) < k
+    side = 0
+    streak = 0
+    while hi - lo > 1:
+        if streak >= 2:
+            p = (lo + hi) >> 1
+            streak = 0
+        else:
+            v_lo = np.float64(_key_value(lo))
+            v_hi = np.float64(_key_value(hi - 1))
+            v = v_lo + (c_lo - k + 0.5) / (c_lo - c_hi) * (v_hi - v_lo)
+            if abs(v) < 3.0e38:  # False for NaN and infinities
+                p = np.int64(_key(_float_to_bits(np.float32(v))))
+            else:
+                p = (lo + hi) >> 1
+            p = min(max(p, lo + 1), hi - 1)
+        count, above, below = _count_at_least(keys, n, np.int32(p))
+        if count == k:
+            return above, count
+        if count > k:
+            lo, c_lo = np.int64(above), count
+            streak = streak + 1 if side == 1 else 1
+            side = 1
+        else:
+            hi, c_hi = np.int64(below) + 1, count
+            streak = streak + 1 if side == -1 else 1
+            side = -1
+    return np.int32(lo), c_lo
+
+
+@numba.njit(inline="always")
+def _keep_top(keys, idx, n, k, floor, highest, spare):
+    """Reorder keys[:n] / idx[:n] so that their first k are the k largest (every key >= floor,
+    the largest `highest`); returns how many keys equal or exceed the k-th largest."""
+    tau, count = _kth_largest(keys, n, k, floor, highest)
+    kept = 0
+    for i in range(n):  # the keys >= tau to the front, in order
+        v = keys[i]
+        keys[kept] = v  # kept <= i: nothing unread is overwritten
+        idx[kept] = idx[i]
+        kept += v >= tau
+    if count > k:  # twins of tau: every key > tau, then as many equal to tau as fit
+        above = 0
+        equal = 0
+        for i in range(count):
+            v = keys[i]
+            if v > tau:
+                keys[above] = v
+                idx[above] = idx[i]
+                above += 1
+            else:
+                spare[equal] = idx[i]
+                equal += 1
+        for t in range(above, k):
+            keys[t] = tau
+            idx[t] = np.int32(spare[t - above])
+    return count
 
 
 @numba.njit(inline="always")
@@ -251,45 +297,43 @@ def _group_keys(row, group, gkey):
 
 
 @numba.njit(inline="always")
-def _top_candidates(row, k, group, gkey, hist, ckey, cidx, spare, lowest):
+def _top_candidates(row, k, group, gkey, hist, ckey, cidx, spare, lowest, highest):
     """ckey[:k] / cidx[:k] = the k largest keys of row and their columns, given gkey and the
-    row's smallest key from _group_keys; the k groups with the largest maxima each hold a value
-    at least the k-th largest group maximum, so a floor at or below it leaves every one of the k
-    largest values among a few candidates, from which _keep_top takes them."""
+    row's smallest and largest keys from _group_keys; returns how many logits of the row equal
+    or exceed the k-th largest. The k groups with the largest maxima each hold a value at least
+    the k-th largest group maximum, so a floor at or below it leaves every one of the k largest
+    values among a few candidates, from which _keep_top takes them. Short rows (fewer groups
+    than k) take every logit as a candidate."""
     width = row.shape[0]
     full = width // group
     n_groups = gkey.shape[0]
-    if k <= n_groups:
-        threshold = np.int32(_prefix_floor(gkey, k, hist) << 16)
+    if k > n_groups:
+        for j in range(width):
+            ckey[j] = _key(row[j])
+            cidx[j] = np.int32(j)
+        count = width
+        floor = lowest
     else:
-        threshold = lowest  # every logit is a candidate
-    count = 0
-    for g in range(n_groups):
-        if gkey[g] >= threshold:
-            s = g * group
-            if g < full:
-                for j in range(group):
-                    key = _key(row[s + j])
-                    ckey[count] = key  # written always, kept when it counts
-                    cidx[count] = np.int32(s + j)
-                    count += key >= threshold
-            else:
-                for j in range(s, width):
-                    key = _key(row[j])
-                    ckey[count] = key
-                    cidx[count] = np.int32(j)
-                    count += key >= threshold
-    if count > 2 * k:  # many candidates (short rows): narrow them with a histogram floor
-        threshold = np.int32(_prefix_floor(ckey[:count], k, hist) << 16)
-        kept = 0
-        for i in range(count):
-            key = ckey[i]
-            ckey[kept] = key  # kept <= i: nothing unread is overwritten
-            cidx[kept] = cidx[i]
-            kept += key >= threshold
-        count = kept
+        floor = np.int32(_prefix_floor(gkey, k, hist) << 16)
+        count = 0
+        for g in range(n_groups):
+            if gkey[g] >= floor:
+                s = g * group
+                if g < full:
+                    for j in range(group):
+                        key = _key(row[s + j])
+                        ckey[count] = key  # written always, kept when it counts
+                        cidx[count] = np.int32(s + j)
+                        count += key >= floor
+                else:
+                    for j in range(s, width):
+                        key = _key(row[j])
+                        ckey[count] = key
+                        cidx[count] = np.int32(j)
+                        count += key >= floor
     if count > k:
-        _keep_top(ckey, cidx, count, k, spare)
+        count = _keep_top(ckey, cidx, count, k, floor, highest, spare)
+    return count
 
 
 @Kernel
@@ -304,15 +348,16 @@ def top_k_fp32(x, bits, k, group, fully_sorted, out_vals, out_idx, chunks):
         hist = np.empty(256, dtype=np.int64)
         ckey = np.empty(width + 1, dtype=np.int32)
         cidx = np.empty(width + 1, dtype=np.int32)
-        spare = np.empty((2, width + 1), dtype=np.int64)
+        spare = np.empty(width + 1, dtype=np.int32)
         for r in range(c * per, min(n_rows, (c + 1) * per)):
             lowest = _group_keys(bits[r], group, gkey)
-            if gkey.max() > _INF_KEY or lowest < ~_INF_KEY:
+            highest = gkey.max()
+            if highest > _INF_KEY or lowest < ~_INF_KEY:
                 for t in range(k):
                     out_vals[r, t] = np.nan
                     out_idx[r, t] = t
                 continue
-            _top_candidates(bits[r], k, group, gkey, hist, ckey, cidx, spare, lowest)
+            _top_candidates(bits[r], k, group, gkey, hist, ckey, cidx, spare, lowest, highest)
             if fully_sorted:
                 order = np.argsort(ckey[:k])[::-1]
                 for t in range(k):
@@ -412,7 +457,7 @@ def row_statistics_fp32(
         hist = np.empty(256, dtype=np.int64)
         ckey = np.empty(width + 1, dtype=np.int32)
         cidx = np.empty(width + 1, dtype=np.int32)
-        spare = np.empty((2, width + 1), dtype=np.int64)
+        spare = np.empty(width + 1, dtype=np.int32)
         for r in range(c * per, min(n_rows, (c + 1) * per)):
             row = x[r]
             lowest = _group_keys(bits[r], group, gkey)
@@ -429,7 +474,9 @@ def row_statistics_fp32(
             tie = False
             kth = np.float32(0.0)
             if find_topk:
-                _top_candidates(bits[r], want, group, gkey, hist, ckey, cidx, spare, lowest)
+                _top_candidates(
+                    bits[r], want, group, gkey, hist, ckey, cidx, spare, lowest, highest
+                )
                 _order_ends(ckey, cidx, want)
                 for t in range(kk):
                     block[r, t] = row[cidx[t]]
@@ -451,18 +498,6 @@ def row_statistics_fp32(
                 s, t = _exp_row(row, m, out[r])
             block[r, cols[0]] = s
             block[r, cols[1]] = t
-
-
-@intrinsic
-def _float_to_bits(typingctx, value):
-    """The int32 bits of the fp32 `value`."""
-    if value != types.float32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return types.int32(types.float32), codegen
 
 
 # Rows of merge_fp32's output block.
@@ -490,10 +525,8 @@ def merge_fp32(gathered, valid, kk, k, find_topk, beta, lambda_head, lambda_tail
     n_cand = tp * kk
     per = (n_rows + chunks - 1) // chunks
     for c in numba.prange(chunks):
-        ckey = np.empty(n_cand + 1, dtype=np.int32)
-        cidx = np.empty(n_cand + 1, dtype=np.int32)
+        ckey = np.empty(n_cand, dtype=np.int32)
         exps = np.empty(kk, dtype=np.float32)
-        spare = np.empty((2, n_cand + 1), dtype=np.int64)
         for r in range(c * per, min(n_rows, (c + 1) * per)):
             m = -np.inf
             for i in range(tp):
@@ -529,15 +562,15 @@ def merge_fp32(gathered, valid, kk, k, find_topk, beta, lambda_head, lambda_tail
                         for j in range(kk):
                             tau = min(tau, np.float64(gathered[i, r, j]))
                 else:
+                    lowest = _MASK
+                    highest = _MIN_KEY
                     for i in range(tp):
                         for j in range(kk):
-                            ckey[i * kk + j] = _key(_float_to_bits(gathered[i, r, j]))
-                            cidx[i * kk + j] = i * kk + j
-                    _keep_top(ckey, cidx, n_cand, k, spare)
-                    low = ckey[0]
-                    for j in range(1, k):
-                        low = min(low, ckey[j])
-                    tau = _bits_to_float(np.int32(low ^ np.int32(np.int32(low >> 31) & _MASK)))
+                            key = _key(_float_to_bits(gathered[i, r, j]))
+                            ckey[i * kk + j] = key
+                            lowest = min(lowest, key)
+                            highest = max(highest, key)
+                    tau = _key_value(_kth_largest(ckey, n_cand, k, lowest, highest)[0])
                 m32 = np.float32(m)
                 for i in range(tp):
                     values = gathered[i, r, :kk]

@@ -270,6 +270,22 @@ def _swap(keys, idx, i, j):
 
 
 @numba.njit(inline="always")
+def _key_bounds(row, grouped, group, gkey):
+    """The smallest and the largest key of row; with `grouped`, also gkey from _group_keys.
+    Without groups one plain min/max pass: 3-4x faster than the per-group maxima."""
+    if grouped:
+        lowest = _group_keys(row, group, gkey)
+        return lowest, gkey.max()
+    lowest = _MASK
+    highest = _MIN_KEY
+    for j in range(row.shape[0]):
+        key = _key(row[j])
+        lowest = min(lowest, key)
+        highest = max(highest, key)
+    return lowest, highest
+
+
+@numba.njit(inline="always")
 def _group_keys(row, group, gkey):
     """gkey[g] = the largest key of the g-th group of `group` logits of row (int32 bits);
     returns the smallest key of the row."""
@@ -350,8 +366,7 @@ def top_k_fp32(x, bits, k, group, fully_sorted, out_vals, out_idx, chunks):
         cidx = np.empty(width + 1, dtype=np.int32)
         spare = np.empty(width + 1, dtype=np.int32)
         for r in range(c * per, min(n_rows, (c + 1) * per)):
-            lowest = _group_keys(bits[r], group, gkey)
-            highest = gkey.max()
+            lowest, highest = _key_bounds(bits[r], k <= n_groups, group, gkey)
             if highest > _INF_KEY or lowest < ~_INF_KEY:
                 for t in range(k):
                     out_vals[r, t] = np.nan
@@ -460,8 +475,7 @@ def row_statistics_fp32(
         spare = np.empty(width + 1, dtype=np.int32)
         for r in range(c * per, min(n_rows, (c + 1) * per)):
             row = x[r]
-            lowest = _group_keys(bits[r], group, gkey)
-            highest = gkey.max()
+            lowest, highest = _key_bounds(bits[r], find_topk and want <= n_groups, group, gkey)
             if highest > _INF_KEY or lowest < ~_INF_KEY:  # a NaN
                 out[r, :] = np.nan
                 block[r, :kk] = np.nan
@@ -625,39 +639,38 @@ def gradient_fp32(
     in place, one row at a time. scalars [7, N] fp32: grad_loss * valid, local_max, shift, tau,
     target_logprob, w_pos, weight_sum; marked [N] bool: rows the forward sign-marked;
     local_values / top_idx [N, kk] (no rows without rank-split rewards); local_t [N] the
-    target's column, -1 where this slice does not own it."""
-    n_rows, width = buf.shape
+    target's column, -1 where this slice does not own it.
+
+    Set members get the head coefficient, every other logit the tail one: in a marked row whose
+    kk-th value is tau the forward's marks are the members; elsewhere the members are among the
+    gathered top-kk columns, which get marked here, so one pass over the row applies both."""
+    n_rows = buf.shape[0]
     fix_top = top_idx.shape[0] > 0
     per = (n_rows + chunks - 1) // chunks
     for c in numba.prange(chunks):
-        exps = np.empty(kk, dtype=np.float32)
         for r in range(c * per, min(n_rows, (c + 1) * per)):
             g = np.float64(scalars[0, r])
-            shift = np.float64(scalars[2, r])
             tau = scalars[3, r]
             weight_sum = np.float64(scalars[6, r])
-            row_scale = g * math.exp(np.float64(scalars[1, r]) - shift)
+            row_scale = g * math.exp(np.float64(scalars[1, r]) - np.float64(scalars[2, r]))
             a = np.float32(row_scale * (weight_sum - lambda_tail))
+            b = np.float32(row_scale * (weight_sum - lambda_head))
             row = buf[r]
-            members_marked = False
-            if marked[r]:
-                # kk-th value == tau: every marked logit is in the set; else the marks are stale
-                members_marked = local_values[r, kk - 1] == tau
-                b = np.float32(row_scale * (weight_sum - lambda_head)) if members_marked else a
-                for j in range(width):
-                    e = row[j]
-                    row[j] = a * e if e >= 0.0 else -b * e
+            has_marks = marked[r]
+            if has_marks and local_values[r, kk - 1] != tau:
+                # the slice's kk-th value is not tau: its marks are stale, clear them
+                _unmark_row(row)
+                has_marks = False
+            if fix_top and not has_marks:
+                for t in range(kk):
+                    if local_values[r, t] >= tau:
+                        j = top_idx[r, t]
+                        row[j] = -abs(row[j])
+                        has_marks = True
+            if has_marks:
+                _scale_marked_row(row, a, b)
             else:
                 _scale_row(row, a)
-            if fix_top and not members_marked:
-                coef = np.float32(g * (lambda_tail - lambda_head))
-                shift32 = scalars[2, r]
-                values = local_values[r]
-                for t in range(kk):  # exps apart from the scatter: this loop vectorises
-                    exps[t] = coef * _exp_nonpositive(values[t] - shift32)
-                for t in range(kk):
-                    if values[t] >= tau:
-                        row[top_idx[r, t]] += exps[t]
             if local_t[r] >= 0:
                 logprob = np.float64(scalars[4, r])
                 row[local_t[r]] = np.float32(
@@ -669,3 +682,17 @@ def gradient_fp32(
 def _scale_row(row, a):
     for j in range(row.shape[0]):
         row[j] *= a
+
+
+@numba.njit(nogil=True, cache=True)
+def _scale_marked_row(row, a, b):
+    """row = a e for e >= 0, b |e| for the marked (negative) e."""
+    for j in range(row.shape[0]):
+        e = row[j]
+        row[j] = a * e if e >= 0.0 else -b * e
+
+
+@numba.njit(nogil=True, cache=True)
+def _unmark_row(row):
+    for j in range(row.shape[0]):
+        row[j] = abs(row[j])

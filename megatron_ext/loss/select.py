@@ -7,8 +7,10 @@ the search: each row is cut into groups of `GROUP` logits; one pass finds every 
 the k groups with the largest maxima hold the row's k largest values (a value outside them is at
 most the k-th largest group maximum, and those k groups already hold k values at least that
 large), so a floor just below that maximum, found with two small histograms, leaves a few
-hundred candidates, still in cache, from which a quickselect takes k. Each row is read from
-memory once, as a max over the row would; [4096, 32768], k = 101: about 2x faster than
+hundred candidates, still in cache; a search on the count of candidates at or above a pivot
+(one vectorised pass per pivot) finds the k-th largest, and one more pass keeps the candidates
+at or above it (short rows, with fewer groups than k, search all their logits). Each row is read
+from memory once, as a max over the row would; [4096, 32768], k = 101: about 2x faster than
 torch.topk's group-maxima-free search on the same threads.
 
 Without numba, on CUDA and for other dtypes, torch.topk is used. Every path returns the same

@@ -234,10 +234,10 @@ def test_fused_forward_matches_the_torch_ops(kind, config, in_place, monkeypatch
     if m_ref is None:
         assert m_new is None
     else:
-        finite_rows = [m[(m != 3) & (m != 5)].sort().values for m in (m_new, m_ref)]
-        assert torch.equal(*finite_rows)
+        assert m_new.dtype == torch.bool and m_new.shape == (40,)
+        assert torch.equal(m_new[rows], m_ref[rows])  # the same rows marked
     if kind == "ties" and plan.mark_head:
-        assert m_new.numel() > 0  # the tie path ran
+        assert bool(m_new.any())  # the tie path ran
 
 
 @pytest.mark.parametrize("preset", ["ce", "diversity", "tail_suppression", "head_preservation"])

@@ -438,6 +438,9 @@ def _exp_row_ties(row, m, kth, negate, out_row):
 def row_statistics_fp32(
     x,
     bits,
+    target,
+    valid,
+    vocab_start,
     kk,
     find_topk,
     look_beyond,
@@ -446,19 +449,20 @@ def row_statistics_fp32(
     out,
     in_place,
     block,
-    cols,
     top_idx,
     ties,
     chunks,
 ):
     """The forward of functional.shard_statistics for fp32 logits x [n, Vp] (bits: x as int32).
 
-    Per row: block[r, :kk] = the kk largest logits (the largest first, the kk-th at kk - 1) when
-    find_topk, else block[r, 0] = the maximum m; out[r] = exp(x[r] - m) (in_place: out is x);
-    block[r, cols[0]] = sum of out[r], block[r, cols[1]] = sum out (x - m) (fp64 sums);
-    top_idx[r] = the columns of the kk values (when top_idx has rows). With look_beyond, the
-    (kk + 1)-th value is found too: where it equals the kk-th, ties[r] is set,
-    block[r, cols[2]] = the number of logits >= the kk-th, and with `mark` their exp is negated.
+    Per row, in the block's layout [kk values, then functional.STAT_COLUMNS]: block[r, :kk] =
+    the kk largest logits (the largest first, the kk-th at kk - 1) when find_topk, else
+    block[r, 0] = the maximum m; out[r] = exp(x[r] - m) (in_place: out is x), with the fp64
+    sums of out and of out (x - m); the target's logit and ownership (target [n] global ids,
+    valid [n] bool, this slice starting at vocab_start), the count of logits >= the kk-th
+    (kk unless it has twins) and the slice width. top_idx[r] = the columns of the kk values
+    (when top_idx has rows). With look_beyond, the (kk + 1)-th value is found too: where it
+    equals the kk-th, ties[r] is set, the count is made, and with `mark` their exp is negated.
     A row holding a NaN gets NaN statistics and a NaN row in out; with -inf logits the second
     sum is NaN (0 * -inf), with +inf m is +inf and the first sum 0: every non-finite row shows.
     """
@@ -467,6 +471,14 @@ def row_statistics_fp32(
     per = (n_rows + chunks - 1) // chunks
     want = kk + 1 if look_beyond else kk
     save_idx = top_idx.shape[0] > 0
+    c_sum, c_shifted, c_target, c_owns, c_count, c_width = (
+        kk,
+        kk + 1,
+        kk + 2,
+        kk + 3,
+        kk + 4,
+        kk + 5,
+    )
     for c in numba.prange(chunks):
         gkey = np.empty(n_groups, dtype=np.int32)
         hist = np.empty(256, dtype=np.int64)
@@ -475,12 +487,18 @@ def row_statistics_fp32(
         spare = np.empty(width + 1, dtype=np.int32)
         for r in range(c * per, min(n_rows, (c + 1) * per)):
             row = x[r]
+            col = target[r] - vocab_start
+            owns = valid[r] and 0 <= col < width
+            block[r, c_target] = row[col] if owns else np.float32(0.0)  # before out overwrites it
+            block[r, c_owns] = 1.0 if owns else 0.0
+            block[r, c_count] = kk
+            block[r, c_width] = width
             lowest, highest = _key_bounds(bits[r], find_topk and want <= n_groups, group, gkey)
             if highest > _INF_KEY or lowest < ~_INF_KEY:  # a NaN
                 out[r, :] = np.nan
                 block[r, :kk] = np.nan
-                block[r, cols[0]] = np.nan
-                block[r, cols[1]] = np.nan
+                block[r, c_sum] = np.nan
+                block[r, c_shifted] = np.nan
                 if save_idx:
                     for t in range(kk):
                         top_idx[r, t] = t
@@ -503,15 +521,15 @@ def row_statistics_fp32(
                 m = _bits_to_float(np.int32(highest ^ np.int32(np.int32(highest >> 31) & _MASK)))
                 block[r, 0] = m
             if tie:
-                s, t, count = _exp_row_ties(row, m, kth, mark, out[r])
-                block[r, cols[2]] = count
+                total, shifted, count = _exp_row_ties(row, m, kth, mark, out[r])
+                block[r, c_count] = count
                 ties[r] = True
             elif in_place:
-                s, t = _exp_row_inplace(row, m)
+                total, shifted = _exp_row_inplace(row, m)
             else:
-                s, t = _exp_row(row, m, out[r])
-            block[r, cols[0]] = s
-            block[r, cols[1]] = t
+                total, shifted = _exp_row(row, m, out[r])
+            block[r, c_sum] = total
+            block[r, c_shifted] = shifted
 
 
 # Rows of merge_fp32's output block.
@@ -527,6 +545,7 @@ MERGED_ROWS = (
     "weight_sum",
     "bad_target",
     "non_finite",
+    "unequal_slices",
 )
 _FP32_TINY = 1.1754943508222875e-38
 
@@ -534,7 +553,8 @@ _FP32_TINY = 1.1754943508222875e-38
 @Kernel
 def merge_fp32(gathered, valid, kk, k, find_topk, beta, lambda_head, lambda_tail, out, chunks):
     """functional.merge_statistics for fp32 blocks gathered [tp, N, kk + 6], one row at a time
-    (fp64 scalars): out [len(MERGED_ROWS), N] fp32, in MERGED_ROWS order (the two flags 0/1)."""
+    (fp64 scalars): out [len(MERGED_ROWS), N] fp32, in MERGED_ROWS order (the three flags 0/1;
+    unequal_slices: the slices' widths differ)."""
     tp, n_rows = gathered.shape[0], gathered.shape[1]
     n_cand = tp * kk
     per = (n_rows + chunks - 1) // chunks
@@ -629,41 +649,63 @@ def merge_fp32(gathered, valid, kk, k, find_topk, beta, lambda_head, lambda_tail
             out[8, r] = weight_sum if ok else 0.0
             out[9, r] = ok and owners != 1.0
             out[10, r] = not (np.isfinite(m) and np.isfinite(s) and np.isfinite(t))
+            unequal = False
+            for i in range(1, tp):
+                unequal |= gathered[i, r, kk + 5] != gathered[0, r, kk + 5]
+            out[11, r] = unequal
 
 
 @Kernel
 def gradient_fp32(
-    buf, scalars, marked, local_values, top_idx, local_t, lambda_head, lambda_tail, kk, chunks
+    buf,
+    grad_loss,
+    valid,
+    target,
+    vocab_start,
+    block,
+    shift,
+    tau,
+    target_logprob,
+    w_pos,
+    weight_sum,
+    marked,
+    top_idx,
+    lambda_head,
+    lambda_tail,
+    kk,
+    chunks,
 ):
     """functional.shard_gradient_ for a fp32 buffer [N, Vp] (exp(z - m_r), sign-marked rows),
-    in place, one row at a time. scalars [7, N] fp32: grad_loss * valid, local_max, shift, tau,
-    target_logprob, w_pos, weight_sum; marked [N] bool: rows the forward sign-marked;
-    local_values / top_idx [N, kk] (no rows without rank-split rewards); local_t [N] the
-    target's column, -1 where this slice does not own it.
+    in place, one row at a time. grad_loss [N] fp32 (ignored where valid [N] is False); target
+    [N] global ids, this slice starting at vocab_start; block [N, kk + 6] the forward's
+    statistics of this slice (its maximum, top values and target ownership); shift, tau,
+    target_logprob, w_pos, weight_sum [N] from the merge; marked [N] bool: rows the forward
+    sign-marked (no rows: none); top_idx [N, kk] (no rows without rank-split rewards).
 
     Set members get the head coefficient, every other logit the tail one: in a marked row whose
     kk-th value is tau the forward's marks are the members; elsewhere the members are among the
     gathered top-kk columns, which get marked here, so one pass over the row applies both."""
-    n_rows = buf.shape[0]
+    n_rows, width = buf.shape
     fix_top = top_idx.shape[0] > 0
+    any_marked = marked.shape[0] > 0
     per = (n_rows + chunks - 1) // chunks
     for c in numba.prange(chunks):
         for r in range(c * per, min(n_rows, (c + 1) * per)):
-            g = np.float64(scalars[0, r])
-            tau = scalars[3, r]
-            weight_sum = np.float64(scalars[6, r])
-            row_scale = g * math.exp(np.float64(scalars[1, r]) - np.float64(scalars[2, r]))
-            a = np.float32(row_scale * (weight_sum - lambda_tail))
-            b = np.float32(row_scale * (weight_sum - lambda_head))
+            g = np.float64(grad_loss[r]) if valid[r] else 0.0
+            w_sum = np.float64(weight_sum[r])
+            row_scale = g * math.exp(np.float64(block[r, 0]) - np.float64(shift[r]))
+            a = np.float32(row_scale * (w_sum - lambda_tail))
+            b = np.float32(row_scale * (w_sum - lambda_head))
             row = buf[r]
-            has_marks = marked[r]
-            if has_marks and local_values[r, kk - 1] != tau:
+            t_r = tau[r]
+            has_marks = any_marked and marked[r]
+            if has_marks and block[r, kk - 1] != t_r:
                 # the slice's kk-th value is not tau: its marks are stale, clear them
                 _unmark_row(row)
                 has_marks = False
             if fix_top and not has_marks:
                 for t in range(kk):
-                    if local_values[r, t] >= tau:
+                    if block[r, t] >= t_r:
                         j = top_idx[r, t]
                         row[j] = -abs(row[j])
                         has_marks = True
@@ -671,10 +713,10 @@ def gradient_fp32(
                 _scale_marked_row(row, a, b)
             else:
                 _scale_row(row, a)
-            if local_t[r] >= 0:
-                logprob = np.float64(scalars[4, r])
-                row[local_t[r]] = np.float32(
-                    g * (weight_sum * math.exp(logprob) - np.float64(scalars[5, r]))
+            col = target[r] - vocab_start
+            if block[r, kk + 3] > 0.0 and 0 <= col < width:  # this slice owns the target
+                row[col] = np.float32(
+                    g * (w_sum * math.exp(np.float64(target_logprob[r])) - np.float64(w_pos[r]))
                 )
 
 

@@ -57,6 +57,10 @@ _CHUNK_DIVISOR = 16
 _CHUNK_ELEMENTS_CPU = (1 << 18, 1 << 23)
 _CHUNK_ELEMENTS_GPU = 1 << 25
 
+# A kernel argument for "no rows" (no top-k indices to save, no marked rows).
+_NO_ROWS_LONG = torch.empty(0, 0, dtype=torch.long)
+_NO_ROWS_BOOL = torch.empty(0, dtype=torch.bool)
+
 
 def vocab_range(partition_vocab_size: int, rank: int, world_size: int) -> tuple[int, int]:
     """[start, end) of the vocabulary slice held by `rank` when each rank holds an equal slice."""
@@ -145,9 +149,9 @@ def shard_statistics(
     Returns:
         block [N, kk + 6] fp32 (the top-kk values, the largest first and the kk-th largest at
         kk - 1, then STAT_COLUMNS); the local indices [N, kk] of the
-        top-kk values when plan.save_topk_indices, else None; and when plan.mark_head, the rows
-        [R] whose kk-th value ties with a logit beyond the gathered ones (their candidates are
-        sign-marked in `out`), else None.
+        top-kk values when plan.save_topk_indices, else None; and when plan.mark_head, a mask
+        [N] bool of the rows whose kk-th value ties with a logit beyond the gathered ones (their
+        candidates are sign-marked in `out`), else None.
     """
     n, vp = logits.shape
     kk = plan.kk
@@ -158,29 +162,21 @@ def shard_statistics(
         else None
     )
 
-    # The target logit, read before `out` (possibly the logits themselves) is overwritten.
-    local_t = target - vocab_start
-    owns = valid & (local_t >= 0) & (local_t < vp)
-    local_t = torch.where(owns, local_t, torch.zeros_like(local_t))
-    block[:, kk + _ZX] = logits.gather(1, local_t.unsqueeze(1)).squeeze(1).float() * owns
-    block[:, kk + _OWN] = owns.float()
-    block[:, kk + _VP] = float(vp)
-    block[:, kk + _CNT] = float(kk)
-
     # Top-kk + 1 tells whether the kk-th value ties with a logit that was not gathered; only
     # such rows need the count of logits >= it (and, for rank-split rewards, the marks).
     look_beyond = plan.find_topk and kk < vp
     kernels = cpu_kernels() if _fused_cpu_path(logits, out) else None
     if kernels is not None:
         ties = torch.zeros(n, dtype=torch.bool)
-        no_idx = torch.empty(0, kk, dtype=torch.long)
-        cols = torch.tensor([kk + _S, kk + _T, kk + _CNT], dtype=torch.int64)
         run_kernel(
             kernels.row_statistics_fp32,
             n,
             logits.numel(),
             logits.numpy(),
             logits.view(torch.int32).numpy(),
+            target.numpy(),
+            valid.numpy(),
+            vocab_start,
             kk,
             plan.find_topk,
             look_beyond,
@@ -189,12 +185,19 @@ def shard_statistics(
             out.numpy(),
             out.data_ptr() == logits.data_ptr(),
             block.numpy(),
-            cols.numpy(),
-            (top_idx if top_idx is not None else no_idx).numpy(),
+            (top_idx if top_idx is not None else _NO_ROWS_LONG).numpy(),
             ties.numpy(),
         )
-        marked_rows = ties.nonzero().squeeze(1) if plan.mark_head else None
-        return block, top_idx, marked_rows
+        return block, top_idx, ties if plan.mark_head else None
+
+    # The target logit, read before `out` (possibly the logits themselves) is overwritten.
+    local_t = target - vocab_start
+    owns = valid & (local_t >= 0) & (local_t < vp)
+    local_t = torch.where(owns, local_t, torch.zeros_like(local_t))
+    block[:, kk + _ZX] = torch.where(owns, logits.gather(1, local_t.unsqueeze(1)).squeeze(1), 0)
+    block[:, kk + _OWN] = owns.float()
+    block[:, kk + _VP] = float(vp)
+    block[:, kk + _CNT] = float(kk)
     if plan.find_topk:
         # One top-k call over all rows: per-chunk calls on a few rows cost several times more.
         if look_beyond:
@@ -213,7 +216,6 @@ def shard_statistics(
         any_ties = False
         row_max = logits.amax(dim=-1, keepdim=True).float()
         block[:, :1] = row_max
-    tie_rows: list[torch.Tensor] = []
     rows = _rows_per_chunk(n, vp, logits.device)
     # One fp32 temporary for every chunk: a fresh large allocation per chunk costs page faults.
     scratch = torch.empty(rows, vp, dtype=torch.float32, device=logits.device)
@@ -233,11 +235,7 @@ def shard_statistics(
         if plan.mark_head and ties is not None and ties.numel() > 0:
             marked = e.index_select(0, ties)
             e.index_copy_(0, ties, torch.where(candidate, marked.neg(), marked))
-            tie_rows.append(ties + r0)
-    marked_rows = None
-    if plan.mark_head:
-        marked_rows = torch.cat(tie_rows) if tie_rows else block.new_empty(0, dtype=torch.long)
-    return block, top_idx, marked_rows
+    return block, top_idx, ties_all if plan.mark_head else None
 
 
 @dataclasses.dataclass
@@ -250,8 +248,10 @@ class MergedStatistics:
     tau: torch.Tensor  # [N] the k-th largest logit (+inf when not needed)
     w_pos: torch.Tensor  # [N] 0 at ignored positions
     weight_sum: torch.Tensor  # [N] W, 0 at ignored positions
-    bad_target: torch.Tensor  # [N] bool: a valid target owned by no rank or by several
-    non_finite: torch.Tensor  # [N] bool: some logit of the position is NaN or infinite
+    bad_target: torch.Tensor  # [N] nonzero: a valid target owned by no rank or by several
+    non_finite: torch.Tensor  # [N] nonzero: some logit of the position is NaN or infinite
+    any_bad_target: bool
+    any_non_finite: bool
     unequal_slices: bool
 
 
@@ -266,8 +266,6 @@ def merge_statistics(
     (on CPU one kernel, _cpu_kernels.merge_fp32, with fp64 scalars; elsewhere the torch ops
     below)."""
     kk = plan.kk
-    vp_col = gathered[..., -1]
-    unequal = bool((vp_col != vp_col[0:1]).any())
     kernels = cpu_kernels() if gathered.device.type == "cpu" else None
     if kernels is not None and gathered.dtype == torch.float32:
         n = gathered.shape[1]
@@ -287,6 +285,7 @@ def merge_statistics(
             out.numpy(),
         )
         r = dict(zip(kernels.MERGED_ROWS, out, strict=True))
+        flags = out[-3:].amax(1).tolist() if n else [0.0, 0.0, 0.0]  # one read for the three
         return MergedStatistics(
             loss=r["loss"],
             stats=ShapedLossStats(
@@ -299,9 +298,11 @@ def merge_statistics(
             tau=r["tau"],
             w_pos=r["w_pos"],
             weight_sum=r["weight_sum"],
-            bad_target=r["bad_target"] > 0,
-            non_finite=r["non_finite"] > 0,
-            unequal_slices=unequal,
+            bad_target=r["bad_target"],
+            non_finite=r["non_finite"],
+            any_bad_target=flags[0] > 0,
+            any_non_finite=flags[1] > 0,
+            unequal_slices=flags[2] > 0,
         )
     values = gathered[..., :kk]  # [tp, N, kk]
     col = gathered[..., kk:]  # [tp, N, 6]
@@ -361,6 +362,12 @@ def merge_statistics(
     )
 
     zero = torch.zeros_like(loss)
+    bad_target = valid & (owners != 1)
+    non_finite = ~(torch.isfinite(m) & torch.isfinite(sum_exp) & torch.isfinite(sum_exp_shifted))
+    vp_col = gathered[..., -1]
+    flags = torch.stack(  # one read for the three
+        [bad_target.any(), non_finite.any(), (vp_col != vp_col[0:1]).any()]
+    ).tolist()
     return MergedStatistics(
         loss=torch.where(valid, loss, zero),
         stats=ShapedLossStats(
@@ -373,22 +380,22 @@ def merge_statistics(
         tau=tau,
         w_pos=torch.where(valid, w_pos, zero),
         weight_sum=torch.where(valid, weight_sum, zero),
-        bad_target=valid & (owners != 1),
-        non_finite=~(torch.isfinite(m) & torch.isfinite(sum_exp) & torch.isfinite(sum_exp_shifted)),
-        unequal_slices=unequal,
+        bad_target=bad_target,
+        non_finite=non_finite,
+        any_bad_target=flags[0],
+        any_non_finite=flags[1],
+        unequal_slices=flags[2],
     )
 
 
 def shard_gradient_(
     buf: torch.Tensor,
     grad_loss: torch.Tensor,
-    local_max: torch.Tensor,
-    local_top_values: torch.Tensor | None,
+    block: torch.Tensor,
     local_top_idx: torch.Tensor | None,
-    marked_rows: torch.Tensor | None,
+    marked: torch.Tensor | None,
     target: torch.Tensor,
     valid: torch.Tensor,
-    owns_target: torch.Tensor,
     vocab_start: int,
     merged_shift: torch.Tensor,
     tau: torch.Tensor,
@@ -400,37 +407,42 @@ def shard_gradient_(
 ) -> torch.Tensor:
     """Turn buf [N, Vp] (exp(z - m_r), sign-marked rows) into dloss/dz of this slice, in place.
 
-    grad_loss [N] is the upstream gradient of the per-position loss; ignored positions (valid False)
-    get a zero gradient whatever it says. On CPU one kernel (_cpu_kernels.gradient_fp32) does it
-    row by row; elsewhere the torch ops below.
+    block, local_top_idx and marked are shard_statistics' results for this slice; merged_shift,
+    tau, target_logprob, w_pos and weight_sum [N] the merge's. grad_loss [N] is the upstream
+    gradient of the per-position loss; ignored positions (valid False) get a zero gradient
+    whatever it says. On CPU one kernel (_cpu_kernels.gradient_fp32) does it row by row;
+    elsewhere the torch ops below.
     """
-    n, vp = buf.shape
-    g = grad_loss.float() * valid
+    n = buf.shape[0]
     kernels = cpu_kernels() if buf.device.type == "cpu" and buf.is_contiguous() else None
     if kernels is not None:
-        marked = torch.zeros(n, dtype=torch.bool)
-        if marked_rows is not None:
-            marked[marked_rows] = True
-        scalars = torch.stack(
-            [g, local_max, merged_shift, tau, target_logprob, w_pos, weight_sum]
-        ).float()
-        no_top = torch.empty(0, plan.kk)
-        local_t = torch.where(owns_target, target - vocab_start, -1)
         run_kernel(
             kernels.gradient_fp32,
             n,
             buf.numel(),
             buf.numpy(),
-            scalars.numpy(),
-            marked.numpy(),
-            (local_top_values if plan.save_topk_indices else no_top).numpy(),
-            (local_top_idx if plan.save_topk_indices else no_top.long()).numpy(),
-            local_t.numpy(),
+            grad_loss.float().contiguous().numpy(),
+            valid.numpy(),
+            target.numpy(),
+            vocab_start,
+            block.numpy(),
+            merged_shift.numpy(),
+            tau.numpy(),
+            target_logprob.numpy(),
+            w_pos.numpy(),
+            weight_sum.numpy(),
+            (marked if marked is not None else _NO_ROWS_BOOL).numpy(),
+            (local_top_idx if plan.save_topk_indices else _NO_ROWS_LONG).numpy(),
             config.lambda_head,
             config.lambda_tail,
             plan.kk,
         )
         return buf
+    g = grad_loss.float() * valid
+    local_max = block[:, 0]
+    local_top_values = block[:, : plan.kk]
+    owns_target = block[:, plan.kk + _OWN] > 0
+    marked_rows = marked.nonzero().squeeze(1) if marked is not None else None
     # p_j = |buf_j| * exp(m_r - shift); every logit first gets the tail coefficient W - lambda_tail.
     row_scale = g * torch.exp(local_max - merged_shift)  # [N]
     coef_tail = (row_scale * (weight_sum - config.lambda_tail)).unsqueeze(1)  # [N, 1]

@@ -9,7 +9,6 @@ import torch.distributed as dist
 
 from megatron_ext.loss.config import RewardShapingConfig
 from megatron_ext.loss.functional import (
-    STAT_COLUMNS,
     ShardPlan,
     merge_statistics,
     plan_shard,
@@ -57,24 +56,26 @@ def _raise_bad_input(merged, gathered, target, vocab_size, ignore_index, check_f
             f"tensor-parallel ranks hold vocabulary slices of different sizes {sizes}; every rank "
             "must hold vocab_size / tp logits (megatron-core pads the vocabulary to make this so)"
         )
-    if check_finite and bool(merged.non_finite.any()):
-        pos = int(merged.non_finite.nonzero()[0])
+    if check_finite and merged.any_non_finite:
+        affected = merged.non_finite.nonzero().squeeze(1)
+        pos = int(affected[0])
         holders = [
             f"TP rank {r} holds {'/'.join(kinds)}"
             for r in range(gathered.shape[0])
             if (kinds := _non_finite_kinds(gathered[r, pos]))
         ]
         raise ValueError(
-            f"non-finite logits at flat position {pos} ({int(merged.non_finite.sum())} of "
+            f"non-finite logits at flat position {pos} ({affected.numel()} of "
             f"{merged.non_finite.numel()} positions affected; {', '.join(holders)}); the loss "
             "needs finite logits"
         )
-    if bool(merged.bad_target.any()):
-        pos = int(merged.bad_target.nonzero()[0])
+    if merged.any_bad_target:
+        affected = merged.bad_target.nonzero().squeeze(1)
+        pos = int(affected[0])
         raise ValueError(
             f"target id {int(target[pos])} at flat position {pos} is outside the vocabulary "
             f"[0, {vocab_size}) and is not ignore_index={ignore_index} "
-            f"({int(merged.bad_target.sum())} positions affected)"
+            f"({affected.numel()} positions affected)"
         )
 
 
@@ -106,7 +107,7 @@ class _VocabParallelShapedCrossEntropy(torch.autograd.Function):
 
         logits = logits.contiguous()
         logits_2d = logits.view(-1, vp)  # [N, Vp]
-        target_1d = target.reshape(-1)  # [N]
+        target_1d = target.reshape(-1).contiguous()  # [N]
         valid = target_1d != ignore_index
         # exp(z - m_r) goes over the fp32 logits in place, as megatron-core's cross-entropy does;
         # other dtypes get one fp32 buffer (megatron-core's .float() copy).
@@ -115,31 +116,26 @@ class _VocabParallelShapedCrossEntropy(torch.autograd.Function):
             if logits_2d.dtype == torch.float32
             else torch.empty_like(logits_2d, dtype=torch.float32)
         )
-        block, top_idx, marked_rows = shard_statistics(
+        block, top_idx, marked = shard_statistics(
             logits_2d, target_1d, valid, vocab_start, plan, buf
         )
-        local_values = block[:, : plan.kk].clone() if plan.save_topk_indices else None
-        local_max = block[:, 0].clone()
-        owns = block[:, plan.kk + STAT_COLUMNS.index("owns_target")] > 0
 
         gathered = _all_gather_rows(block, tp_group)  # [tp, N, kk + 6]
         merged = merge_statistics(gathered, valid, config, plan, vocab_size)
         _raise_bad_input(merged, gathered, target_1d, vocab_size, ignore_index, check_finite)
-        if not check_finite:
+        if not check_finite and merged.any_non_finite:
             # The caller detects non-finite losses itself (the trainer skips or stops the step):
             # make sure every position with a non-finite logit reports a NaN loss.
-            merged.loss.masked_fill_(merged.non_finite, float("nan"))
+            merged.loss.masked_fill_(merged.non_finite.bool(), float("nan"))
 
         ctx.config, ctx.plan, ctx.vocab_start = config, plan, vocab_start
         ctx.save_for_backward(
             logits if buf.data_ptr() == logits.data_ptr() else buf,  # autograd saves no views
-            local_max,
-            local_values,
+            block,  # this slice's maximum, top values and target ownership
             top_idx,
-            marked_rows,
+            marked,
             target_1d,
             valid,
-            owns,
             merged.shift,
             merged.tau,
             merged.stats.target_logprob,
@@ -157,13 +153,11 @@ class _VocabParallelShapedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss, *unused_stat_grads):
         (
             buf,
-            local_max,
-            local_values,
+            block,
             top_idx,
-            marked_rows,
+            marked,
             target_1d,
             valid,
-            owns,
             shift,
             tau,
             target_logprob,
@@ -174,13 +168,11 @@ class _VocabParallelShapedCrossEntropy(torch.autograd.Function):
         grad = shard_gradient_(
             buf.view(-1, buf.shape[-1]),
             grad_loss.reshape(-1),
-            local_max,
-            local_values,
+            block,
             top_idx,
-            marked_rows,
+            marked,
             target_1d,
             valid,
-            owns,
             ctx.vocab_start,
             shift,
             tau,

@@ -31,8 +31,13 @@ from megatron.core.datasets.indexed_dataset import (
 from tqdm.auto import tqdm
 
 from megatron_ext.data.errors import DataError
-from megatron_ext.data.readers import TEXT_COLUMN, InputSource, TextSampleBy, load_source
-from megatron_ext.data.readers import resolve_inputs
+from megatron_ext.data.readers import (
+    TEXT_COLUMN,
+    InputSource,
+    TextSampleBy,
+    load_source,
+    resolve_inputs,
+)
 from megatron_ext.data.tokenizer import (
     check_model_vocab_size,
     load_tokenizer,

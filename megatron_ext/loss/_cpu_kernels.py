@@ -186,7 +186,7 @@ def _kth_largest(keys, n, k, floor, highest):
 @numba.njit(inline="always")
 def _keep_top(keys, idx, n, k, floor, highest, spare):
     """Reorder keys[:n] / idx[:n] so that their first k are the k largest (every key >= floor,
-    the largest `highest`); returns how many keys equal or exceed the k-th largest."""
+    the largest `highest`)."""
     tau, count = _kth_largest(keys, n, k, floor, highest)
     kept = 0
     for i in range(n):  # the keys >= tau to the front, in order
@@ -209,7 +209,6 @@ def _keep_top(keys, idx, n, k, floor, highest, spare):
         for t in range(above, k):
             keys[t] = tau
             idx[t] = np.int32(spare[t - above])
-    return count
 
 
 @numba.njit(inline="always")
@@ -314,12 +313,11 @@ def _group_keys(row, group, gkey):
 
 @numba.njit(inline="always")
 def _top_candidates(row, k, group, gkey, hist, ckey, cidx, spare, lowest, highest):
-    """ckey[:k] / cidx[:k] = the k largest keys of row and their columns, given gkey and the
-    row's smallest and largest keys from _group_keys; returns how many logits of the row equal
-    or exceed the k-th largest. The k groups with the largest maxima each hold a value at least
-    the k-th largest group maximum, so a floor at or below it leaves every one of the k largest
-    values among a few candidates, from which _keep_top takes them. Short rows (fewer groups
-    than k) take every logit as a candidate."""
+    """ckey[:k] / cidx[:k] = the k largest keys of row and their columns, given the row's
+    smallest and largest keys and, with at least k groups, gkey (from _key_bounds). The k groups
+    with the largest maxima each hold a value at least the k-th largest group maximum, so a floor
+    at or below it leaves every one of the k largest values among a few candidates, from which
+    _keep_top takes them. Short rows (fewer groups than k) take every logit as a candidate."""
     width = row.shape[0]
     full = width // group
     n_groups = gkey.shape[0]
@@ -348,8 +346,7 @@ def _top_candidates(row, k, group, gkey, hist, ckey, cidx, spare, lowest, highes
                         cidx[count] = np.int32(j)
                         count += key >= floor
     if count > k:
-        count = _keep_top(ckey, cidx, count, k, floor, highest, spare)
-    return count
+        _keep_top(ckey, cidx, count, k, floor, highest, spare)
 
 
 @Kernel

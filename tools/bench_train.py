@@ -3,10 +3,11 @@
 One run of the trainer on one model and one data stream: every training step is timed once per
 loss, the losses taking turns step by step (round robin), so that all of them see the same
 machine conditions. Prints tokens/s (from the median step time of each loss) and the ratio to
-plain cross-entropy. "megatron_ce" is megatron-core's own vocab_parallel_cross_entropy (the
-baseline); "ce" is our shaped loss with the CE preset. Diagnostics (entropy, p(x), top-k mass)
-are off in the timed steps, as on the trainer's non-logged steps (--diagnostics turns them on).
-The project's target is >= 0.97x for every preset.
+plain cross-entropy, with a 95% bootstrap interval of that ratio. "megatron_ce" is
+megatron-core's own vocab_parallel_cross_entropy (the baseline); "ce" is our shaped loss with
+the CE preset. Diagnostics (entropy, p(x), top-k mass) are off in the timed steps, as on the
+trainer's non-logged steps (--diagnostics turns them on). The project's target is >= 0.97x for
+every preset.
 
     python tools/bench_train.py                                  # tiny model on CPU
     python tools/bench_train.py --vocab-size 32768               # a loss-heavier setting
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -137,13 +139,33 @@ def main() -> int:
             f"{'cuda' if torch.cuda.is_available() else 'cpu'}, {args.steps} timed steps per "
             f"loss (round robin), diagnostics {'on' if args.diagnostics else 'off'}"
         )
-        print(f"{'loss':<20}{'tokens/s':>12}{'vs megatron_ce':>16}{'vs ce':>10}")
+        print(
+            f"{'loss':<20}{'tokens/s':>12}{'vs megatron_ce':>16}{'95% interval':>18}{'vs ce':>10}"
+        )
         for name in names:
             ratio_native = rate[name] / rate[BASELINE]
+            low, high = _ratio_interval(times[BASELINE], times[name])
             ratio_ce = rate[name] / rate["ce"] if "ce" in rate else float("nan")
             flag = "" if ratio_native >= 0.97 else "   < 0.97"
-            print(f"{name:<20}{rate[name]:>12.0f}{ratio_native:>15.3f}x{ratio_ce:>9.3f}x{flag}")
+            print(
+                f"{name:<20}{rate[name]:>12.0f}{ratio_native:>15.3f}x"
+                f"{f'[{low:.3f}, {high:.3f}]':>18}{ratio_ce:>9.3f}x{flag}"
+            )
     return 0
+
+
+def _ratio_interval(
+    base: list[float], other: list[float], resamples: int = 2000
+) -> tuple[float, float]:
+    """A 95% bootstrap interval of median(base) / median(other) (the tokens/s ratio), from
+    the step times resampled with replacement (seeded: the same times give the same interval)."""
+    rng = random.Random(0)
+    ratios = sorted(
+        statistics.median(rng.choices(base, k=len(base)))
+        / statistics.median(rng.choices(other, k=len(other)))
+        for _ in range(resamples)
+    )
+    return ratios[int(0.025 * resamples)], ratios[int(0.975 * resamples) - 1]
 
 
 if __name__ == "__main__":

@@ -1,0 +1,80 @@
+"""The benchmark tools run end to end on small settings and print their tables (no timing is
+checked here: the figures come from full runs, see the README's Benchmarks section)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run_tool(name: str, *argv: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR")}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / name), *argv],
+        check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def _ratio_rows(out: str) -> dict[str, float]:
+    """{method: ratio} from the lines `<method> <number> <ratio>x ...` of a tool's table."""
+    rows = {}
+    for line in out.splitlines():
+        m = re.match(r"^(\w+)\s+[\d.]+\s+([\d.]+)x", line)
+        if m:
+            rows[m.group(1)] = float(m.group(2))
+    return rows
+
+
+def test_bench_train_prints_every_loss_against_megatron_ce():
+    out = _run_tool(
+        "bench_train.py", "--steps", "2", "--warmup", "1", "--presets", "ce", "tail_suppression"
+    )
+    rows = _ratio_rows(out)
+    assert set(rows) == {"megatron_ce", "ce", "tail_suppression"}, out
+    assert rows["megatron_ce"] == 1.0
+    assert all(r > 0 for r in rows.values())
+    assert re.search(r"tail_suppression .*\[[\d.]+, [\d.]+\]", out), out  # the interval
+
+
+def test_bench_loss_prints_time_and_memory_ratios():
+    out = _run_tool(
+        "bench_loss.py", "--tokens", "64", "--vocab", "512", "--repeats", "1",
+        "--presets", "ce", "head_preservation",
+    )  # fmt: skip
+    rows = _ratio_rows(out)
+    assert set(rows) == {"megatron_ce", "ce", "head_preservation"}, out
+    assert rows["megatron_ce"] == 1.0
+    assert "peak ratio" in out
+
+
+@pytest.fixture(scope="module")
+def bench_train():
+    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "tools" / "bench_train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ratio_interval_brackets_the_ratio_of_medians(bench_train):
+    base = [1.0, 1.1, 0.9, 1.05, 0.95] * 8
+    slower = [t * 1.25 for t in base]  # 0.8x the tokens/s
+    low, high = bench_train._ratio_interval(base, slower)
+    assert low <= 0.8 <= high and high - low < 0.2
+    assert bench_train._ratio_interval(base, base) == bench_train._ratio_interval(base, base)
+    same_low, same_high = bench_train._ratio_interval(base, base)
+    assert same_low <= 1.0 <= same_high

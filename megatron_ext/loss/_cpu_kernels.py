@@ -547,6 +547,22 @@ MERGED_ROWS = (
 _FP32_TINY = 1.1754943508222875e-38
 
 
+@numba.njit(fastmath={"reassoc", "contract"}, nogil=True, cache=True)
+def _head_sums(values, m, tau):
+    """fp64 sums of exp(v - m) and of exp(v - m) (v - m) over the values >= tau (m: the
+    position's maximum, fp64). reassoc lets the masked sums run in vector lanes."""
+    m32 = np.float32(m)
+    head = 0.0
+    shifted = 0.0
+    for j in range(values.shape[0]):
+        v = values[j]
+        e = np.float64(_exp_nonpositive_strict(v - m32))
+        keep = v >= tau
+        head += e if keep else 0.0
+        shifted += e * (np.float64(v) - m) if keep else 0.0
+    return head, shifted
+
+
 @Kernel
 def merge_fp32(gathered, valid, kk, k, find_topk, beta, lambda_head, lambda_tail, out, chunks):
     """functional.merge_statistics for fp32 blocks gathered [tp, N, kk + 6], one row at a time
@@ -557,7 +573,6 @@ def merge_fp32(gathered, valid, kk, k, find_topk, beta, lambda_head, lambda_tail
     per = (n_rows + chunks - 1) // chunks
     for c in numba.prange(chunks):
         ckey = np.empty(n_cand, dtype=np.int32)
-        exps = np.empty(kk, dtype=np.float32)
         for r in range(c * per, min(n_rows, (c + 1) * per)):
             m = -np.inf
             for i in range(tp):
@@ -587,11 +602,10 @@ def merge_fp32(gathered, valid, kk, k, find_topk, beta, lambda_head, lambda_tail
             head_shifted = 0.0
             in_head = False
             if find_topk:
-                if k == n_cand:
+                if k == n_cand:  # every gathered value is in the set: tau is the smallest
                     tau = np.inf
-                    for i in range(tp):
-                        for j in range(kk):
-                            tau = min(tau, np.float64(gathered[i, r, j]))
+                    for i in range(tp):  # a slice's smallest gathered value is its kk-th
+                        tau = min(tau, np.float64(gathered[i, r, kk - 1]))
                 else:
                     lowest = _MASK
                     highest = _MIN_KEY
@@ -602,16 +616,10 @@ def merge_fp32(gathered, valid, kk, k, find_topk, beta, lambda_head, lambda_tail
                             lowest = min(lowest, key)
                             highest = max(highest, key)
                     tau = _key_value(_kth_largest(ckey, n_cand, k, lowest, highest)[0])
-                m32 = np.float32(m)
                 for i in range(tp):
-                    values = gathered[i, r, :kk]
-                    for j in range(kk):  # exps apart from the sums: this loop vectorises
-                        exps[j] = _exp_nonpositive(values[j] - m32)
-                    for j in range(kk):
-                        if values[j] >= tau:
-                            e = np.float64(exps[j])
-                            head += e
-                            head_shifted += e * (np.float64(values[j]) - m)
+                    h, h_shifted = _head_sums(gathered[i, r, :kk], m, tau)
+                    head += h
+                    head_shifted += h_shifted
                 extra = 0.0
                 for i in range(tp):
                     if gathered[i, r, kk - 1] == tau:

@@ -182,6 +182,37 @@ def _abs(path: str | Path) -> str:
     return str(Path(path).expanduser().resolve())
 
 
+def _check_preset(preset: str) -> None:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+
+
+def _tiny_optimizer(
+    lr: float, min_lr: float, warmup_steps: int, decay_steps: int
+) -> run.Config[OptimizerConfig]:
+    """AdamW (weight decay 0.1, clipping 1.0), warmup then linear decay to min_lr."""
+    return run.Config(
+        OptimizerConfig,
+        lr=lr,
+        min_lr=min_lr,
+        warmup_steps=warmup_steps,
+        wsd_decay_steps=decay_steps,
+        wsd_decay_style="linear",
+        weight_decay=0.1,
+        clip_grad=1.0,
+    )
+
+
+def _tiny_data(data_dir: str | Path, eod_id: int) -> run.Config[DataConfig]:
+    """The default corpus's training documents, split 95/5 into training and validation."""
+    return run.Config(
+        DataConfig,
+        paths=[str(Path(_abs(data_dir)) / "train_text_document")],
+        split="95,5,0",
+        eod_id=eod_id,
+    )
+
+
 # -- tiny recipes (CPU) ---------------------------------------------------------------------------
 
 
@@ -232,30 +263,20 @@ def tiny_pretrain(
         eval_iters: validation batches each time.
         seed: initialisation seed.
     """
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    _check_preset(preset)
     out = _abs(out_dir if out_dir is not None else f"outputs/tiny-{preset}")
     return run.Config(
         TrainConfig,
         model=model_config("tiny", vocab_size=vocab_size, seq_length=seq_length),
         shaping=shaping_config(preset),
         parallel=run.Config(ParallelConfig, tensor=tensor, pipeline=pipeline),
-        optimizer=run.Config(
-            OptimizerConfig,
-            lr=lr,
-            min_lr=min_lr,
+        optimizer=_tiny_optimizer(
+            lr,
+            min_lr,
             warmup_steps=min(warmup_steps, train_steps - 1),
-            wsd_decay_steps=math.floor(decay_fraction * train_steps),
-            wsd_decay_style="linear",
-            weight_decay=0.1,
-            clip_grad=1.0,
+            decay_steps=math.floor(decay_fraction * train_steps),
         ),
-        data=run.Config(
-            DataConfig,
-            paths=[str(Path(_abs(data_dir)) / "train_text_document")],
-            split="95,5,0",
-            eod_id=eod_id,
-        ),
+        data=_tiny_data(data_dir, eod_id),
         checkpoint=run.Config(CheckpointConfig, save_dir=f"{out}/checkpoints"),
         logging=run.Config(LoggingConfig, log_dir=f"{out}/logs", tensorboard=False),
         train_steps=train_steps,
@@ -290,8 +311,7 @@ def tiny_midtrain(
     """Mid-training of a tiny pre-trained model, the paper's recipe scaled down: 4x longer
     sequences at the same tokens per step, RoPE base 1e6, the weights of `load_dir` (not its
     optimizer state or data position) and the learning rate decayed from lr to min_lr."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    _check_preset(preset)
     out = _abs(out_dir if out_dir is not None else f"outputs/tiny-{preset}-midtrain")
     return run.Config(
         TrainConfig,
@@ -300,22 +320,8 @@ def tiny_midtrain(
         ),
         shaping=shaping_config(preset),
         parallel=run.Config(ParallelConfig, tensor=tensor, pipeline=pipeline),
-        optimizer=run.Config(
-            OptimizerConfig,
-            lr=lr,
-            min_lr=min_lr,
-            warmup_steps=0,
-            wsd_decay_steps=train_steps,
-            wsd_decay_style="linear",
-            weight_decay=0.1,
-            clip_grad=1.0,
-        ),
-        data=run.Config(
-            DataConfig,
-            paths=[str(Path(_abs(data_dir)) / "train_text_document")],
-            split="95,5,0",
-            eod_id=eod_id,
-        ),
+        optimizer=_tiny_optimizer(lr, min_lr, warmup_steps=0, decay_steps=train_steps),
+        data=_tiny_data(data_dir, eod_id),
         checkpoint=run.Config(
             CheckpointConfig,
             save_dir=f"{out}/checkpoints",
@@ -357,6 +363,19 @@ def _paper_optimizer(**schedule: object) -> run.Config[OptimizerConfig]:
         adam_beta2=0.95,
         adam_eps=1e-8,
         **schedule,
+    )
+
+
+def _paper_parallel(
+    layout: PaperLayout, tensor: int | None, pipeline: int | None, expert: int | None
+) -> run.Config[ParallelConfig]:
+    """The layout's TP, PP and EP unless given, with the distributed optimizer."""
+    return run.Config(
+        ParallelConfig,
+        tensor=tensor or layout.tensor,
+        pipeline=pipeline or layout.pipeline,
+        expert=expert or layout.expert,
+        distributed_optimizer=True,
     )
 
 
@@ -411,20 +430,13 @@ def paper_pretrain(
         seed: initialisation seed.
     """
     layout = _check_paper_model(model, "pretrain")
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    _check_preset(preset)
     out = out_dir or f"/results/{model}-{preset}"
     return run.Config(
         TrainConfig,
         model=model_config(model, seq_length=PRETRAIN_SEQ_LENGTH, rope_base=PRETRAIN_ROPE_BASE),
         shaping=shaping_config(preset),
-        parallel=run.Config(
-            ParallelConfig,
-            tensor=tensor or layout.tensor,
-            pipeline=pipeline or layout.pipeline,
-            expert=expert or layout.expert,
-            distributed_optimizer=True,
-        ),
+        parallel=_paper_parallel(layout, tensor, pipeline, expert),
         # Stable to the end of pre-training; mid-training decays.
         optimizer=_paper_optimizer(warmup_steps=WARMUP_STEPS, wsd_decay_steps=0),
         data=_paper_data(data_paths, data_weights, eod_id),
@@ -490,21 +502,14 @@ def paper_midtrain(
             paper_pretrain.
     """
     layout = _check_paper_model(model, "midtrain")
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    _check_preset(preset)
     out = out_dir or f"/results/{model}-{preset}-midtrain"
     steps = train_steps or _steps(train_tokens)
     return run.Config(
         TrainConfig,
         model=model_config(model, seq_length=MIDTRAIN_SEQ_LENGTH, rope_base=MIDTRAIN_ROPE_BASE),
         shaping=shaping_config(preset),
-        parallel=run.Config(
-            ParallelConfig,
-            tensor=tensor or layout.tensor,
-            pipeline=pipeline or layout.pipeline,
-            expert=expert or layout.expert,
-            distributed_optimizer=True,
-        ),
+        parallel=_paper_parallel(layout, tensor, pipeline, expert),
         # The whole stage decays 3e-4 -> 3e-5.
         optimizer=_paper_optimizer(warmup_steps=0, wsd_decay_steps=steps, wsd_decay_style="linear"),
         data=_paper_data(data_paths, data_weights, eod_id),

@@ -95,6 +95,18 @@ def worker_cases(cases: list[Case]):
     return [run_case(c, rank, world, group) for c in cases]
 
 
+def worker_cases_torch_ops(cases: list[Case]):
+    """worker_cases with the CPU kernels switched off: the torch ops the GPU path runs."""
+    from megatron_ext.loss import functional, select
+
+    saved = functional.cpu_kernels, select.cpu_kernels
+    functional.cpu_kernels = select.cpu_kernels = lambda: None
+    try:
+        return worker_cases(cases)
+    finally:
+        functional.cpu_kernels, select.cpu_kernels = saved
+
+
 def check(case: Case, per_rank: list) -> None:
     want_loss, want_grad, want_stats = reference(case)
     losses = [r[0] for r in per_rank]
@@ -163,6 +175,15 @@ def test_matches_reference(tp, request):
         results = [[per_rank[r][i] for r in range(tp)] for i in range(len(cases))]
     for case, per_rank_results in zip(cases, results, strict=True):
         check(case, per_rank_results)
+
+
+def test_torch_ops_match_reference_at_tp2(pool2):
+    """The path CUDA takes (torch ops for the top-k search, the merge and the gradient), on
+    every case at TP = 2."""
+    cases = cases_for(2)
+    per_rank = pool2.run(worker_cases_torch_ops, cases)
+    for i, case in enumerate(cases):
+        check(case, [per_rank[r][i] for r in range(2)])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -515,7 +515,7 @@ def row_statistics_fp32(
                 tie = look_beyond and row[cidx[kk]] == kth
                 m = row[cidx[0]]
             else:
-                m = _bits_to_float(np.int32(highest ^ np.int32(np.int32(highest >> 31) & _MASK)))
+                m = _key_value(highest)
                 block[r, 0] = m
             if tie:
                 total, shifted, count = _exp_row_ties(row, m, kth, mark, out[r])

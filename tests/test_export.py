@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -365,6 +367,38 @@ def test_existing_output_is_kept_unless_overwrite(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temporary directories left
 
 
+def _assert_default_modes(directory: Path) -> None:
+    """`directory` and everything in it have the modes the umask gives new files and folders."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    paths = [directory, *directory.rglob("*")]
+    modes = {str(p.relative_to(directory)): oct(stat.S_IMODE(p.stat().st_mode)) for p in paths}
+    expected = {
+        str(p.relative_to(directory)): oct((0o777 if p.is_dir() else 0o666) & ~mask) for p in paths
+    }
+    assert modes == expected
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
+def test_exported_files_get_the_umask_modes(tmp_path, tokenizer_dir, umask):
+    """Shards (safetensors writes 0o600 files), configs, index and tokenizer files all get the
+    modes of an ordinary new file, the directory those of a new folder; also when replaced."""
+    arch = _arch(vocab_size=300, padded_vocab_size=320)
+    state = _random_state(arch)
+    old = os.umask(umask)
+    try:
+        kwargs = {"tokenizer_dir": tokenizer_dir, "max_shard_size": 2000, "progress": False}
+        out = export_state_dict(state, arch, tmp_path / "hf", **kwargs)
+        assert len(list(out.glob("*.safetensors"))) > 1 and (out / "tokenizer.json").exists()
+        _assert_default_modes(out)
+        file_mode = stat.S_IMODE((out / "config.json").stat().st_mode)
+        assert file_mode == 0o666 & ~umask  # e.g. 0o644 under umask 022
+        export_state_dict(state, arch, tmp_path / "hf", overwrite=True, **kwargs)
+        _assert_default_modes(out)
+    finally:
+        os.umask(old)
+
+
 def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9
     assert parse_size("2GiB") == 2 * 2**30
@@ -536,6 +570,7 @@ def test_cli(references, input_ids, tokenizer_dir, tmp_path):
     argv = ["--checkpoint", str(ref["checkpoint"]), "--arch", str(arch_json), "--out", str(out)]
     argv += ["--tokenizer", str(tokenizer_dir), "--dtype", "bf16", "--max-shard-size", "50KB"]
     assert main(argv + ["--no-progress"]) == 0
+    _assert_default_modes(out)
     model = _load_hf(out)
     assert next(model.parameters()).dtype == torch.float32  # loaded as asked
     config = json.loads((out / "config.json").read_text())

@@ -28,6 +28,7 @@ __all__ = [
     "ShardWriter",
     "atomic_output_dir",
     "copy_tokenizer_files",
+    "default_mode",
     "generation_config_dict",
     "hf_config_dict",
     "parse_size",
@@ -183,6 +184,9 @@ class ShardWriter:
     def _flush(self) -> None:
         path = self.directory / f".shard-{len(self._shards):05d}.safetensors"
         save_file(self._pending, str(path), metadata={"format": "pt"})
+        # safetensors creates its files with mode 0o600 (as private temporary files): give the
+        # shard the mode an ordinary new file gets, so other users can read the model.
+        os.chmod(path, default_mode(is_dir=False))
         self._shards.append((path, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0
 
@@ -227,9 +231,39 @@ def copy_tokenizer_files(tokenizer_dir: str | os.PathLike[str], out_dir: Path) -
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)
+    """The process umask, read without changing it where /proc tells it (Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set it and put it back at once
     os.umask(mask)
     return mask
+
+
+def default_mode(*, is_dir: bool) -> int:
+    """The permission bits that the umask gives a newly created file or directory (e.g. 0o644
+    and 0o755 under umask 022)."""
+    return (0o777 if is_dir else 0o666) & ~_umask()
+
+
+def _apply_default_modes(directory: Path) -> None:
+    """Give `directory` and every folder and file below it the mode of a newly created one.
+
+    mkdtemp creates the directory 0o700 and some writers (safetensors) create 0o600 files; an
+    exported model must be readable by whoever the umask lets read ordinary files.
+    """
+    dir_mode, file_mode = default_mode(is_dir=True), default_mode(is_dir=False)
+    os.chmod(directory, dir_mode)
+    for root, dirs, files in os.walk(directory):
+        for name in dirs:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), dir_mode)
+        for name in files:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), file_mode)
 
 
 @contextlib.contextmanager
@@ -240,6 +274,11 @@ def atomic_output_dir(
 
     On an exception the temporary directory is removed and `out_dir` is left as it was. With
     overwrite=True an existing `out_dir` is replaced (moved aside, then removed after the rename).
+    Before the rename, the directory and everything in it get the modes the process umask gives
+    newly created ones (e.g. 0o755 folders and 0o644 files under umask 022).
+
+    Raises:
+        FileExistsError: `out_dir` exists and overwrite is False.
     """
     target = Path(out_dir).absolute()
     if target.exists() and not overwrite:
@@ -248,7 +287,7 @@ def atomic_output_dir(
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates it 0o700
+        _apply_default_modes(tmp)
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, old / target.name)

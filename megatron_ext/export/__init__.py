@@ -6,44 +6,70 @@ tokenizer files); `load_full_model_tensors` turns a megatron-core dist checkpoin
 TP/PP/EP layout into that full state dict. `export_training_checkpoint` does both for the
 checkpoints of megatron_ext.training, reading the architecture from the run configuration they
 store. The key map lives in `megatron_ext.export.key_map`; the CLI is tools/export_hf.py.
+
+The names below are imported on first use: importing this package (or its standard-library-only
+modules `arch` and `preflight`) does not import torch, so a command line can check its arguments
+first.
 """
 
-from megatron_ext.export.arch import (
-    ExportArch,
-    UnsupportedArchitectureError,
-    arch_from_gpt_model,
-    arch_from_megatron_config,
-    moe_layer_pattern,
-)
-from megatron_ext.export.checkpoint import export_checkpoint, load_full_model_tensors
-from megatron_ext.export.convert import (
-    IncompleteCheckpointError,
-    convert_state_dict,
-    export_state_dict,
-    iter_hf_tensors,
-    resolve_keys,
-)
-from megatron_ext.export.from_training import (
-    arch_from_training_checkpoint,
-    export_training_checkpoint,
-)
-from megatron_ext.export.key_map import KEY_MAP, plan_keys
+from __future__ import annotations
 
-__all__ = [
-    "KEY_MAP",
-    "ExportArch",
-    "IncompleteCheckpointError",
-    "UnsupportedArchitectureError",
-    "arch_from_gpt_model",
-    "arch_from_megatron_config",
-    "arch_from_training_checkpoint",
-    "convert_state_dict",
-    "export_checkpoint",
-    "export_state_dict",
-    "export_training_checkpoint",
-    "iter_hf_tensors",
-    "load_full_model_tensors",
-    "moe_layer_pattern",
-    "plan_keys",
-    "resolve_keys",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from megatron_ext.export.arch import (
+        ExportArch,
+        UnsupportedArchitectureError,
+        arch_from_gpt_model,
+        arch_from_megatron_config,
+        moe_layer_pattern,
+    )
+    from megatron_ext.export.checkpoint import export_checkpoint, load_full_model_tensors
+    from megatron_ext.export.convert import (
+        IncompleteCheckpointError,
+        convert_state_dict,
+        export_state_dict,
+        iter_hf_tensors,
+        resolve_keys,
+    )
+    from megatron_ext.export.from_training import (
+        arch_from_training_checkpoint,
+        export_training_checkpoint,
+    )
+    from megatron_ext.export.key_map import KEY_MAP, plan_keys
+
+_MODULES = {
+    "KEY_MAP": "key_map",
+    "ExportArch": "arch",
+    "IncompleteCheckpointError": "convert",
+    "UnsupportedArchitectureError": "arch",
+    "arch_from_gpt_model": "arch",
+    "arch_from_megatron_config": "arch",
+    "arch_from_training_checkpoint": "from_training",
+    "convert_state_dict": "convert",
+    "export_checkpoint": "checkpoint",
+    "export_state_dict": "convert",
+    "export_training_checkpoint": "from_training",
+    "iter_hf_tensors": "convert",
+    "load_full_model_tensors": "checkpoint",
+    "moe_layer_pattern": "arch",
+    "plan_keys": "key_map",
+    "resolve_keys": "convert",
+}
+"""Public name -> the submodule that defines it."""
+
+__all__ = sorted(_MODULES)
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

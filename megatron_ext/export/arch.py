@@ -4,14 +4,18 @@ The exporter handles one family: Qwen3-style decoders (RMSNorm, SwiGLU, RoPE, gr
 attention with QK RMSNorm, no linear biases), dense (`Qwen3ForCausalLM`) or with top-k softmax MoE
 layers and no shared experts (`Qwen3MoeForCausalLM`). `arch_from_megatron_config` refuses every
 megatron-core option that would make the Hugging Face model compute something else, naming it.
+
+Importing this module needs only the standard library (torch is imported where a megatron
+config is read), so the command line can check an --arch file before loading torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "ExportArch",
@@ -249,6 +253,8 @@ def arch_from_megatron_config(
         raise UnsupportedArchitectureError(
             f"cannot export rotary_percent={rotary_percent!r} (Qwen3 rotates the full head, 1.0)"
         )
+    import torch
+
     activation = getattr(config, "activation_func", torch.nn.functional.silu)
     if activation is not torch.nn.functional.silu:
         raise UnsupportedArchitectureError(

@@ -35,6 +35,7 @@ import torch
 
 from megatron_ext.export.arch import ExportArch
 from megatron_ext.export.convert import IncompleteCheckpointError, export_state_dict
+from megatron_ext.export.preflight import check_output_dir
 
 __all__ = [
     "MODEL_KEY_PREFIXES",
@@ -268,5 +269,7 @@ def export_checkpoint(
         prefix: the prefix in front of the model's sharded keys; None finds it.
         **export_kwargs: passed to `export_state_dict` (tokenizer_dir, dtype, max_shard_size, ...).
     """
+    overwrite = export_kwargs.get("overwrite", False)
+    check_output_dir(out_dir, overwrite=overwrite, checkpoint=checkpoint_dir)  # before the load
     state = load_full_model_tensors(checkpoint_dir, num_layers=arch.num_layers, prefix=prefix)
     return export_state_dict(state, arch, out_dir, **export_kwargs)

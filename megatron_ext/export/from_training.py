@@ -17,6 +17,7 @@ from typing import Any
 from megatron_ext.export.arch import ExportArch, arch_from_megatron_config
 from megatron_ext.export.checkpoint import load_full_model_tensors, model_key_prefix
 from megatron_ext.export.convert import export_state_dict
+from megatron_ext.export.preflight import check_checkpoint_path, check_output_dir
 
 __all__ = [
     "arch_from_training_checkpoint",
@@ -30,24 +31,25 @@ _EMBEDDING = "embedding.word_embeddings.weight"
 
 def resolve_training_checkpoint(path: str | os.PathLike[str], step: int | None = None) -> Path:
     """The dist checkpoint folder for `path`: a run's checkpoint root (its `latest` step, or
-    `step`) or a checkpoint folder itself (holding metadata.json)."""
+    `step`) or a checkpoint folder itself (holding metadata.json).
+
+    Raises:
+        FileNotFoundError: `path` is not a checkpoint (see `preflight.check_checkpoint_path`), or
+            the step folder it names is missing or incomplete.
+        ValueError: `step` given for a single checkpoint folder, or an unreadable metadata.json.
+    """
+    if check_checkpoint_path(path, step) == "folder":
+        return Path(path)
     from megatron_ext.training.checkpoint import checkpoint_dir, latest_step
 
-    path = Path(path)
-    if (path / "metadata.json").is_file():
-        if step is not None:
-            raise ValueError(f"{str(path)!r} is one checkpoint; step={step} needs the run's root")
-        return path
     if step is None:
         step = latest_step(path)
-        if step is None:
-            raise FileNotFoundError(
-                f"{str(path)!r} is neither a dist checkpoint (no metadata.json) nor a training "
-                "checkpoint root (no 'latest' file)"
-            )
+        if step is None:  # the file went away since the check
+            raise FileNotFoundError(f"{str(path)!r} has no 'latest' file")
     folder = checkpoint_dir(path, step)
     if not (folder / "metadata.json").is_file():
         raise FileNotFoundError(f"checkpoint folder {str(folder)!r} is missing or incomplete")
+    check_checkpoint_path(folder)  # a torch_dist folder with its tensor index
     return folder
 
 
@@ -117,8 +119,18 @@ def export_training_checkpoint(
         **export_kwargs: passed to `export_state_dict` (tokenizer_dir, dtype, max_shard_size,
             token ids, overwrite, progress). Without a tokenizer or an explicit eos_token_id,
             the run's end-of-document id (DataConfig.eod_id) becomes the eos token id.
+
+    Raises:
+        FileNotFoundError: `path` is not a checkpoint, or a step folder is missing.
+        FileExistsError: out_dir exists and overwrite is not set.
+        IncompleteCheckpointError: tensors or checkpoint files are missing (all are named).
+        UnsupportedArchitectureError: the model cannot be exported as Qwen3 / Qwen3-MoE.
+        ValueError: out_dir holds the checkpoint, or the checkpoint holds no run configuration
+            and no `arch` was given.
     """
     checkpoint = resolve_training_checkpoint(path, step)
+    overwrite = export_kwargs.get("overwrite", False)
+    check_output_dir(out_dir, overwrite=overwrite, checkpoint=checkpoint)  # before the load
     if arch is None:
         arch = arch_from_training_checkpoint(checkpoint)
     if export_kwargs.get("tokenizer_dir") is None and export_kwargs.get("eos_token_id") is None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -21,6 +20,12 @@ import torch
 from safetensors.torch import save_file
 
 from megatron_ext.export.arch import ExportArch
+from megatron_ext.export.preflight import (
+    TOKENIZER_FILES,
+    check_output_dir,
+    parse_size,
+    tokenizer_files,
+)
 
 __all__ = [
     "SAFE_WEIGHTS_INDEX_NAME",
@@ -35,19 +40,6 @@ __all__ = [
 ]
 
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-
-TOKENIZER_FILES: tuple[str, ...] = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "chat_template.json",
-)
-"""Files copied from a tokenizer directory when present (never a config.json or weights)."""
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -129,35 +121,6 @@ def generation_config_dict(
     return out
 
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-    "TIB": 2**40,
-}
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes in `size`: an int, or a string like "5GB", "500MB", "2GiB" (decimal units as HF)."""
-    if isinstance(size, int) and not isinstance(size, bool):
-        if size < 1:
-            raise ValueError(f"size must be >= 1 byte, got {size!r}")
-        return size
-    match = _SIZE_RE.match(str(size))
-    if not match:
-        raise ValueError(f"cannot read a size from {size!r}; use e.g. 5GB, 500MB or 2GiB")
-    value = float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "B").upper()]
-    if value < 1:
-        raise ValueError(f"size must be >= 1 byte, got {size!r}")
-    return int(value)
-
-
 class ShardWriter:
     """Writes tensors into safetensors shards of at most `max_shard_bytes` (a bigger tensor gets a
     shard of its own), then names them model-0000i-of-0000n.safetensors and writes the index."""
@@ -217,16 +180,9 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 def copy_tokenizer_files(tokenizer_dir: str | os.PathLike[str], out_dir: Path) -> list[str]:
     """Copy the tokenizer files of `tokenizer_dir` (see TOKENIZER_FILES) into `out_dir`."""
-    src = Path(tokenizer_dir)
-    if not src.is_dir():
-        raise FileNotFoundError(f"tokenizer directory {str(src)!r} does not exist")
-    copied = [name for name in TOKENIZER_FILES if (src / name).is_file()]
-    if not copied:
-        raise FileNotFoundError(
-            f"no tokenizer files in {str(src)!r}; expected some of {', '.join(TOKENIZER_FILES)}"
-        )
+    copied = tokenizer_files(tokenizer_dir)
     for name in copied:
-        shutil.copyfile(src / name, out_dir / name)
+        shutil.copyfile(Path(tokenizer_dir) / name, out_dir / name)
     return copied
 
 
@@ -280,9 +236,7 @@ def atomic_output_dir(
     Raises:
         FileExistsError: `out_dir` exists and overwrite is False.
     """
-    target = Path(out_dir).absolute()
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{str(target)!r} exists; pass overwrite=True to replace it")
+    target = check_output_dir(out_dir, overwrite=overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:

@@ -561,7 +561,7 @@ def test_checkpoint_from_parallel_layout(pool4, references, input_ids, tmp_path,
     assert not (tmp_path / "hf2").exists()
 
 
-def test_cli(references, input_ids, tokenizer_dir, tmp_path):
+def test_cli(references, input_ids, tokenizer_dir, tmp_path, capsys):
     main = _cli_main()
     ref = references(DENSE)
     arch_json = tmp_path / "arch.json"
@@ -578,8 +578,12 @@ def test_cli(references, input_ids, tokenizer_dir, tmp_path):
     assert len(list(out.glob("model-*.safetensors"))) > 1
     # bf16 weights: compare loosely (bf16 rounding of every weight), and only that it runs.
     assert _max_logit_diff(model, ref, input_ids, DENSE.vocab_size) < 0.1
-    with pytest.raises(FileExistsError):
-        main(argv)
+    capsys.readouterr()
+    assert main(argv) == 1  # a second export into the same folder
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"error: {str(out)!r} exists; pass --overwrite to replace it"]
+    assert main(argv + ["--no-progress", "--overwrite"]) == 0
+    _assert_default_modes(out)
 
 
 def _cli_main():

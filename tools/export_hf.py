@@ -8,27 +8,34 @@
 GPTModel; any TP/PP/EP layout. The architecture is read from the run configuration that
 megatron_ext.training stores in its checkpoints; for other checkpoints pass --arch, a JSON file
 with the fields of megatron_ext.export.ExportArch. OUT_DIR appears only once the export is
-complete. Runs on the CPU.
+complete, with the file modes the umask gives (e.g. 0644 files, 0755 folders). Runs on the CPU.
+
+A path that is not a checkpoint, an existing OUT_DIR without --overwrite or a bad value is
+reported as one `error:` line on stderr, with exit status 1, before torch is imported.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
-import torch
+# Only the standard library (and the export's torch-free modules) before the arguments are checked;
+# torch and megatron-core take 10-20 s to import and are loaded only after that.
+from megatron_ext.export.preflight import (
+    check_checkpoint_path,
+    check_output_dir,
+    parse_size,
+    read_arch_file,
+    tokenizer_files,
+)
 
-from megatron_ext.export import ExportArch, export_training_checkpoint
-
-_DTYPES = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
+_DTYPES = {  # --dtype -> name of the torch dtype
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "float16": "float16",
+    "fp32": "float32",
+    "float32": "float32",
 }
 
 
@@ -37,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--checkpoint", required=True, help="run checkpoint root or checkpoint folder")
-    p.add_argument("--out", required=True, help="output directory (must not exist)")
+    p.add_argument("--out", required=True, help="output directory (new, unless --overwrite)")
     p.add_argument("--step", type=int, help="step under the run root (default: latest)")
     p.add_argument("--arch", help="JSON file with the ExportArch fields (default: from the run)")
     p.add_argument("--tokenizer", help="directory with tokenizer.json / tokenizer_config.json")
@@ -51,23 +58,80 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    arch = ExportArch.from_dict(json.loads(Path(args.arch).read_text())) if args.arch else None
-    out = export_training_checkpoint(
-        args.checkpoint,
-        args.out,
-        step=args.step,
-        arch=arch,
-        tokenizer_dir=args.tokenizer,
-        dtype=_DTYPES[args.dtype] if args.dtype else None,
-        max_shard_size=args.max_shard_size,
-        bos_token_id=args.bos_token_id,
-        eos_token_id=args.eos_token_id,
-        pad_token_id=args.pad_token_id,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
+def check_args(args: argparse.Namespace) -> None:
+    """Check the paths and values of the command line (standard library only).
+
+    Raises:
+        FileNotFoundError: --checkpoint is not a checkpoint, or --tokenizer / --arch is missing.
+        FileExistsError: --out exists and --overwrite is not given.
+        ValueError: a bad value (--arch contents, --max-shard-size, --step, --out holding the
+            checkpoint).
+    """
+    if args.step is not None and args.step < 0:
+        raise ValueError(f"--step must be >= 0, got {args.step}")
+    check_checkpoint_path(args.checkpoint, args.step)
+    check_output_dir(
+        args.out, overwrite=args.overwrite, overwrite_hint="--overwrite", checkpoint=args.checkpoint
     )
+    if args.tokenizer is not None:
+        tokenizer_files(args.tokenizer)
+    if args.arch is not None:
+        read_arch_file(args.arch)
+    try:
+        parse_size(args.max_shard_size)
+    except ValueError as exc:
+        raise ValueError(f"--max-shard-size: {exc}") from None
+
+
+def _error(exc: BaseException) -> int:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    print(f"error: {'; '.join(lines) or type(exc).__name__}", file=sys.stderr, flush=True)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the export; returns 0, or 1 after printing one `error:` line for an expected error
+    (a path that is not a checkpoint, an existing output, bad values, an incomplete or
+    unsupported checkpoint). Unexpected errors propagate with their traceback."""
+    args = _parser().parse_args(argv)
+    try:
+        check_args(args)
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        return _error(exc)
+
+    import torch
+
+    from megatron_ext.export import (
+        IncompleteCheckpointError,
+        UnsupportedArchitectureError,
+        export_training_checkpoint,
+    )
+    from megatron_ext.training.checkpoint import CheckpointError
+
+    try:
+        out = export_training_checkpoint(
+            args.checkpoint,
+            args.out,
+            step=args.step,
+            arch=read_arch_file(args.arch) if args.arch else None,
+            tokenizer_dir=args.tokenizer,
+            dtype=getattr(torch, _DTYPES[args.dtype]) if args.dtype else None,
+            max_shard_size=args.max_shard_size,
+            bos_token_id=args.bos_token_id,
+            eos_token_id=args.eos_token_id,
+            pad_token_id=args.pad_token_id,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    except (
+        FileNotFoundError,  # a step folder that is missing or incomplete
+        FileExistsError,  # --out created since the check
+        IncompleteCheckpointError,
+        UnsupportedArchitectureError,
+        CheckpointError,  # an unreadable 'latest' file
+        ValueError,  # e.g. no run configuration and no --arch, a tokenizer larger than the model
+    ) as exc:
+        return _error(exc)
     print(f"exported to {out}")
     return 0
 

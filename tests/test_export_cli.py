@@ -1,0 +1,225 @@
+"""tools/export_hf.py's argument errors: one `error:` line, exit status 1, before torch is imported.
+
+Each case runs the tool as a subprocess with `-X importtime`, which lists every module the process
+imports on stderr; the remaining stderr lines are the tool's own output. No case needs a real
+checkpoint: the checks look at paths and values only (a fake run root is a folder with a `latest`
+file). The successful export and the file modes are tested in test_export.py, on real
+checkpoints.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_ext.export.preflight import (
+    check_checkpoint_path,
+    check_output_dir,
+    read_arch_file,
+    tokenizer_files,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TOOL = REPO / "tools" / "export_hf.py"
+HEAVY = ("torch", "megatron", "transformers", "safetensors", "numpy")
+"""Top-level modules that an argument error must not have imported."""
+
+ARCH = {
+    "hidden_size": 8,
+    "num_layers": 2,
+    "num_attention_heads": 4,
+    "num_query_groups": 2,
+    "head_dim": 4,
+    "ffn_hidden_size": 12,
+    "vocab_size": 10,
+    "padded_vocab_size": 16,
+    "max_position_embeddings": 32,
+    "rope_theta": 10000.0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+}
+
+
+def _run_tool(*args: str) -> tuple[int, list[str], set[str]]:
+    """(exit status, stderr lines other than -X importtime's, top-level modules imported)."""
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", str(TOOL), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.stdout == ""
+    lines, imported = [], set()
+    for line in proc.stderr.splitlines():
+        if line.startswith("import time:"):
+            imported.add(line.rpartition("|")[2].strip().split(".")[0])
+        else:
+            lines.append(line)
+    return proc.returncode, lines, imported
+
+
+def _fake_root(path: Path) -> Path:
+    """A folder that passes for a training run's checkpoint root (the checks read no tensors)."""
+    path.mkdir()
+    (path / "latest").write_text("2\n")
+    return path
+
+
+def _assert_one_error(args: list[str], *fragments: str) -> None:
+    rc, lines, imported = _run_tool(*args)
+    assert rc == 1, lines
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert "Traceback" not in lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
+    assert "megatron_ext" in imported  # the check did run through the package
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+    root = _fake_root(tmp_path / "run")
+    out = tmp_path / "hf"
+    out.mkdir()
+    _assert_one_error(["--checkpoint", str(root), "--out", str(out)], str(out), "--overwrite")
+
+
+def test_missing_checkpoint(tmp_path):
+    missing = tmp_path / "no" / "such" / "run"
+    _assert_one_error(
+        ["--checkpoint", str(missing), "--out", str(tmp_path / "hf")], str(missing), "not exist"
+    )
+    assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("content", ["empty", "files", "step-folder-without-latest"])
+def test_folder_that_is_not_a_checkpoint(tmp_path, content):
+    folder = tmp_path / "stuff"
+    folder.mkdir()
+    if content == "files":
+        (folder / "notes.txt").write_text("not a checkpoint")
+        (folder / "sub").mkdir()
+    elif content == "step-folder-without-latest":
+        (folder / "iter_0000002").mkdir()
+    _assert_one_error(
+        ["--checkpoint", str(folder), "--out", str(tmp_path / "hf")],
+        str(folder),
+        "not a checkpoint",
+    )
+
+
+@pytest.mark.parametrize(
+    ("metadata", "fragment"),
+    [("garbage", "not a dist checkpoint description"), ('{"sharded_backend": "zarr"}', "zarr")],
+)
+def test_unreadable_checkpoint_description(tmp_path, metadata, fragment):
+    folder = tmp_path / "iter_0000002"
+    folder.mkdir()
+    (folder / "metadata.json").write_text(metadata)
+    _assert_one_error(
+        ["--checkpoint", str(folder), "--out", str(tmp_path / "hf")], str(folder), fragment
+    )
+
+
+def test_bad_values(tmp_path):
+    root = _fake_root(tmp_path / "run")
+    base = ["--checkpoint", str(root), "--out", str(tmp_path / "hf")]
+    _assert_one_error([*base, "--max-shard-size", "5 parsecs"], "--max-shard-size", "5 parsecs")
+    _assert_one_error([*base, "--tokenizer", str(tmp_path / "tok")], str(tmp_path / "tok"))
+    _assert_one_error([*base, "--arch", str(tmp_path / "arch.json")], str(tmp_path / "arch.json"))
+    arch = tmp_path / "arch.json"
+    arch.write_text(json.dumps(ARCH | {"num_query_groups": 3}))
+    _assert_one_error([*base, "--arch", str(arch)], str(arch), "num_query_groups=3")
+    # --overwrite of a folder that holds the checkpoint would delete it
+    _assert_one_error(
+        ["--checkpoint", str(root), "--out", str(tmp_path), "--overwrite"], "delete the checkpoint"
+    )
+
+
+def test_unexpected_errors_keep_their_traceback(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("export_hf_cli_errors", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def broken(args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(module, "check_args", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        module.main(["--checkpoint", str(tmp_path), "--out", str(tmp_path / "hf")])
+
+
+def test_export_package_imports_without_torch():
+    code = (
+        "import sys, megatron_ext.export as e, megatron_ext.export.preflight\n"
+        "assert e.ExportArch.__name__ == 'ExportArch'\n"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------------------------------------
+# The checks as library functions
+
+
+def test_check_checkpoint_path_kinds(tmp_path):
+    folder = tmp_path / "iter_0000002"
+    folder.mkdir()
+    (folder / "metadata.json").write_text('{"sharded_backend": "torch_dist"}')
+    with pytest.raises(FileNotFoundError, match=r"no \.metadata file"):
+        check_checkpoint_path(folder)
+    (folder / ".metadata").write_bytes(b"")
+    assert check_checkpoint_path(folder) == "folder"
+    with pytest.raises(ValueError, match="step=2 needs the run's root"):
+        check_checkpoint_path(folder, step=2)
+    assert check_checkpoint_path(tmp_path, step=2) == "root"  # iter_* folders and a step
+    with pytest.raises(FileNotFoundError, match="iter_0000002 but no 'latest' file"):
+        check_checkpoint_path(tmp_path)
+    (tmp_path / "latest").write_text("2")
+    assert check_checkpoint_path(tmp_path) == "root"
+    with pytest.raises(FileNotFoundError, match="is a file"):
+        check_checkpoint_path(tmp_path / "latest")
+
+
+def test_check_output_dir(tmp_path):
+    out = tmp_path / "hf"
+    assert check_output_dir(out) == out.absolute()
+    out.mkdir()
+    with pytest.raises(FileExistsError, match=r"pass overwrite=True to replace it"):
+        check_output_dir(out)
+    assert check_output_dir(out, overwrite=True) == out.absolute()
+    with pytest.raises(ValueError, match="delete the checkpoint"):
+        check_output_dir(out, overwrite=True, checkpoint=out / "run" / "iter_0000001")
+    with pytest.raises(ValueError, match="delete the checkpoint"):
+        check_output_dir(out, overwrite=True, checkpoint=out)
+
+
+def test_read_arch_file_and_tokenizer_files(tmp_path):
+    arch = tmp_path / "arch.json"
+    arch.write_text(json.dumps(ARCH))
+    assert read_arch_file(arch).to_dict() == ARCH | {
+        "num_experts": 0,
+        "moe_router_topk": 0,
+        "moe_ffn_hidden_size": 0,
+        "norm_topk_prob": True,
+        "moe_layers": None,
+    }
+    arch.write_text(json.dumps({k: v for k, v in ARCH.items() if k != "head_dim"}))
+    with pytest.raises(ValueError, match="head_dim"):
+        read_arch_file(arch)
+    arch.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="holds a list"):
+        read_arch_file(arch)
+    with pytest.raises(FileNotFoundError, match="no tokenizer files"):
+        tokenizer_files(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    assert tokenizer_files(tmp_path) == ["tokenizer.json"]

@@ -59,7 +59,24 @@ _MODULES = {
 }
 """Public name -> the submodule that defines it."""
 
-__all__ = sorted(_MODULES)
+__all__ = [
+    "KEY_MAP",
+    "ExportArch",
+    "IncompleteCheckpointError",
+    "UnsupportedArchitectureError",
+    "arch_from_gpt_model",
+    "arch_from_megatron_config",
+    "arch_from_training_checkpoint",
+    "convert_state_dict",
+    "export_checkpoint",
+    "export_state_dict",
+    "export_training_checkpoint",
+    "iter_hf_tensors",
+    "load_full_model_tensors",
+    "moe_layer_pattern",
+    "plan_keys",
+    "resolve_keys",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -171,7 +171,7 @@ def read_arch_file(path: str | os.PathLike[str]) -> ExportArch:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"architecture file {str(path)!r} is not JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise ValueError(
+        raise ValueError(  # noqa: TRY004 - a bad file content, reported like the other values
             f"architecture file {str(path)!r} holds a {type(data).__name__}, not an object of "
             "ExportArch fields"
         )

@@ -8,8 +8,7 @@ that `python -m run_configs --help` stays quick.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from megatron_ext._lazy import lazy_exports
 
 _EXPORTS = {
     "GLOBAL_BATCH_TOKENS": "recipes",
@@ -62,16 +61,4 @@ __all__ = [
     "use_nemorun_home",
     "write_report",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

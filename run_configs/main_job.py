@@ -234,10 +234,8 @@ def _print_summary(s: dict[str, Any], out: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m run_configs.main_job`."""
-    from run_configs.cli import quiet_import_warnings
-    from run_configs.recipes import PRESETS
+    from run_configs.names import PRESETS
 
-    quiet_import_warnings()
     p = argparse.ArgumentParser(
         prog="python -m run_configs.main_job",
         description=__doc__.split("\n\n")[0],

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -204,8 +205,8 @@ class Job:
             "--log-dir", str(self.log), "--set", "logging.log_samples=true",
             "--set", "logging.tensorboard=false",
         ]  # fmt: skip
-        self.seen = len(_read_jsonl(self.log / "metrics.jsonl"))  # records of earlier jobs
         self.output = open(root / "output.txt", "a")  # noqa: SIM115 - closed in wait()
+        self.seen = self.output.tell()  # output of earlier jobs
         self.start = time.monotonic()
         self.proc = subprocess.Popen(
             args,
@@ -217,9 +218,13 @@ class Job:
         )
 
     def last_step(self) -> int:
-        """The last step this job wrote to metrics.jsonl (0 before its first)."""
-        records = _read_jsonl(self.log / "metrics.jsonl")[self.seen :]
-        return records[-1]["step"] if records else 0
+        """The last step this job logged (rank 0's console line `step N | ...`; 0 before its
+        first). metrics.jsonl cannot tell: a resume first drops the records of the steps after
+        its checkpoint, which it then writes again."""
+        with open(self.root / "output.txt") as f:
+            f.seek(self.seen)
+            steps = re.findall(r"^(?:\S+ )?step (\d+) \|", f.read(), flags=re.MULTILINE)
+        return int(steps[-1]) if steps else 0
 
     def resume_step(self) -> int:
         """The step this job resumes from (its checkpoint's, 0 without one)."""

@@ -99,14 +99,18 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         return _error(exc)
 
+    from megatron_ext.core.quiet import quiet_expected_messages
+
+    quiet_expected_messages(single_process=True)  # one process reads the dist checkpoint
+
     import torch
 
+    from megatron_ext.core.checkpoint_layout import CheckpointError
     from megatron_ext.export import (
         IncompleteCheckpointError,
         UnsupportedArchitectureError,
         export_training_checkpoint,
     )
-    from megatron_ext.training.checkpoint import CheckpointError
 
     try:
         out = export_training_checkpoint(

@@ -39,6 +39,7 @@ from megatron_ext.data.errors import DataError
 __all__ = [
     "IndexedDataSummary",
     "check_indexed_dataset",
+    "check_files_exist",
     "check_indexed_datasets",
 ]
 
@@ -198,12 +199,33 @@ def check_indexed_datasets(
             )
         except DataError as error:
             errors.append(error)
+    _raise_all(errors, f"{len(errors)} of {len(prefixes)} indexed datasets are bad")
+    return summaries
+
+
+def _raise_all(errors: list[DataError], heading: str) -> None:
+    """Raise the one error, or all of them under `heading`, one line each; nothing if none."""
     if len(errors) == 1:
         raise errors[0]
     if errors:
         lines = "\n".join(f"- {error}" for error in errors)
-        raise DataError(f"{len(errors)} of {len(prefixes)} indexed datasets are bad:\n{lines}")
-    return summaries
+        raise DataError(f"{heading}:\n{lines}")
+
+
+def check_files_exist(prefixes: Iterable[str]) -> None:
+    """Check that every prefix's .bin and .idx files exist (nothing is read).
+
+    Raises:
+        DataError: naming every prefix with a missing file and the fix.
+    """
+    prefixes = [os.fspath(p) for p in prefixes]
+    errors = []
+    for prefix in prefixes:
+        try:
+            _check_exists(prefix, f"{prefix}.bin", f"{prefix}.idx")
+        except DataError as error:
+            errors.append(error)
+    _raise_all(errors, f"{len(errors)} of {len(prefixes)} indexed datasets are missing files")
 
 
 def _check_exists(prefix: str, bin_path: str, idx_path: str) -> None:
@@ -229,7 +251,11 @@ def _check_exists(prefix: str, bin_path: str, idx_path: str) -> None:
             listed = ", ".join(repr(p) for p in found[:5]) + (", ..." if len(found) > 5 else "")
             fix = f"check the path; dataset prefixes in {Path(prefix).parent}: {listed}"
         else:
-            fix = "check the path, or build the dataset with tools/preprocess_data.py"
+            fix = (
+                "check the path, or build a dataset: the embedded default corpus with "
+                "`python -m megatron_ext.data.default_corpus --out DIR` (prefix "
+                "DIR/train_text_document), or your own files with tools/preprocess_data.py"
+            )
     raise DataError(f"{what}; {fix}")
 
 

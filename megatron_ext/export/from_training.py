@@ -40,7 +40,7 @@ def resolve_training_checkpoint(path: str | os.PathLike[str], step: int | None =
     """
     if check_checkpoint_path(path, step) == "folder":
         return Path(path)
-    from megatron_ext.training.checkpoint import checkpoint_dir, latest_step
+    from megatron_ext.core.checkpoint_layout import checkpoint_dir, latest_step
 
     if step is None:
         step = latest_step(path)

@@ -15,6 +15,12 @@ import re
 from pathlib import Path
 from typing import Literal
 
+from megatron_ext.core.checkpoint_layout import (
+    LATEST,
+    checkpoint_dir,
+    missing_root_message,
+    step_folders,
+)
 from megatron_ext.export.arch import ExportArch
 
 __all__ = [
@@ -40,7 +46,6 @@ TOKENIZER_FILES: tuple[str, ...] = (
 """Files copied from a tokenizer directory when present (never a config.json or weights)."""
 
 _METADATA = "metadata.json"  # megatron-core's dist checkpoint marker (CheckpointingConfig)
-_LATEST = "latest"  # megatron_ext.training.checkpoint's tracker file: the last complete step
 _BACKEND = "torch_dist"  # the only dist checkpoint format load_full_model_tensors reads
 _TENSOR_INDEX = ".metadata"  # torch.distributed.checkpoint's metadata, which the loader reads
 
@@ -63,7 +68,7 @@ def check_checkpoint_path(
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+        raise FileNotFoundError(missing_root_message("checkpoint", path))
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {str(path)!r} is a file, not a checkpoint folder")
     if (path / _METADATA).is_file():
@@ -76,10 +81,13 @@ def check_checkpoint_path(
         if step is not None:
             raise ValueError(f"{str(path)!r} is one checkpoint; step={step} needs the run's root")
         return "folder"
-    if (path / _LATEST).is_file():
-        return "root"
-    steps = sorted(p.name for p in path.glob("iter_*") if p.is_dir())
-    if steps and step is not None:
+    steps = step_folders(path)
+    if step is not None and not checkpoint_dir(path, step).is_dir():
+        raise FileNotFoundError(
+            f"step {step}: {checkpoint_dir(path, step)} does not exist (checkpoints under "
+            f"{path}: {', '.join(steps) or 'none'})"
+        )
+    if (path / LATEST).is_file() or (steps and step is not None):
         return "root"
     if steps:
         hint = f"; it has {', '.join(steps)} but no 'latest' file: name a step or one of them"
@@ -89,7 +97,7 @@ def check_checkpoint_path(
         hint = ""
     raise FileNotFoundError(
         f"{str(path)!r} is not a checkpoint: neither a dist checkpoint folder (no {_METADATA}) "
-        f"nor a training run's checkpoint root (no '{_LATEST}' file){hint}"
+        f"nor a training run's checkpoint root (no '{LATEST}' file){hint}"
     )
 
 

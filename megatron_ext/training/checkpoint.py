@@ -31,6 +31,19 @@ from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.utils import unwrap_model
 
+from megatron_ext.core.checkpoint_layout import (
+    LATEST,
+    OLD_SUFFIX,
+    TMP_SUFFIX,
+    CheckpointError,
+    checkpoint_dir,
+    checkpoint_steps,
+    fsync_dir,
+    latest_step,
+    step_folders,
+    write_latest,
+)
+
 __all__ = [
     "CheckpointError",
     "NonFiniteWeightsError",
@@ -42,14 +55,6 @@ __all__ = [
     "save_checkpoint",
 ]
 
-_LATEST = "latest"
-_TMP_SUFFIX = ".tmp"
-_OLD_SUFFIX = ".old"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read, or that belongs to another model."""
-
 
 class NonFiniteWeightsError(RuntimeError):
     """The weights hold NaN or infinite values; raised instead of saving them."""
@@ -57,49 +62,6 @@ class NonFiniteWeightsError(RuntimeError):
 
 class TrainState(dict):
     """Progress of a run: {'step': int, 'consumed_samples': int, 'layout': (pp, tp, dp)}."""
-
-
-def checkpoint_dir(root: str | os.PathLike, step: int) -> Path:
-    """The folder of the checkpoint of `step` under `root`."""
-    return Path(root) / f"iter_{step:07d}"
-
-
-def latest_step(root: str | os.PathLike) -> int | None:
-    """The step recorded in `<root>/latest`, or None when there is no checkpoint."""
-    path = Path(root) / _LATEST
-    if not path.exists():
-        return None
-    text = path.read_text().strip()
-    try:
-        return int(text)
-    except ValueError:
-        raise CheckpointError(
-            f"{path} holds {text!r}, not a step number; write the step of the checkpoint to "
-            f"resume from into it (folders here: {_step_folders(root) or 'none'})"
-        ) from None
-
-
-def _step_folders(root: str | os.PathLike) -> list[str]:
-    return sorted(p.name for p in Path(root).glob("iter_*") if p.is_dir())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_latest(root: Path, step: int) -> None:
-    """Point `latest` at `step`: write a temporary file, fsync it, rename it over `latest`."""
-    tmp = root / f".{_LATEST}{_TMP_SUFFIX}"
-    with open(tmp, "w") as f:
-        f.write(f"{step}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(root / _LATEST)
-    _fsync_dir(root)
 
 
 def remove_incomplete_checkpoints(root: str | os.PathLike) -> list[Path]:
@@ -110,11 +72,11 @@ def remove_incomplete_checkpoints(root: str | os.PathLike) -> list[Path]:
     on one rank only, while no save is running.
     """
     removed = []
-    for staging in sorted(Path(root).glob(f"iter_*{_TMP_SUFFIX}")):
+    for staging in sorted(Path(root).glob(f"iter_*{TMP_SUFFIX}")):
         shutil.rmtree(staging, ignore_errors=True)
         removed.append(staging)
-    for old in sorted(Path(root).glob(f"iter_*{_OLD_SUFFIX}")):
-        final = old.with_name(old.name.removesuffix(_OLD_SUFFIX))
+    for old in sorted(Path(root).glob(f"iter_*{OLD_SUFFIX}")):
+        final = old.with_name(old.name.removesuffix(OLD_SUFFIX))
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)
             removed.append(old)
@@ -296,7 +258,7 @@ def save_checkpoint(
     """
     root = Path(root)
     path = checkpoint_dir(root, step)
-    staging = path.with_name(path.name + _TMP_SUFFIX)
+    staging = path.with_name(path.name + TMP_SUFFIX)
     check_finite_weights(model, f"checkpoint of step {step}")
     if dist.get_rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
@@ -327,9 +289,9 @@ def save_checkpoint(
 
 def _publish(root: Path, staging: Path, path: Path, step: int) -> None:
     """Rename the finished staging folder to its final name, then point `latest` at it."""
-    _fsync_dir(staging)
+    fsync_dir(staging)
     if path.exists():  # the same step saved before (a resumed run redoing it): replace it
-        old = path.with_name(path.name + _OLD_SUFFIX)
+        old = path.with_name(path.name + OLD_SUFFIX)
         if old.exists():
             shutil.rmtree(old)
         path.rename(old)
@@ -337,12 +299,12 @@ def _publish(root: Path, staging: Path, path: Path, step: int) -> None:
         shutil.rmtree(old)
     else:
         staging.rename(path)
-    _fsync_dir(root)
-    _write_latest(root, step)
+    fsync_dir(root)
+    write_latest(root, step)
 
 
 def _prune(root: Path, keep_last: int, keep: Path) -> None:
-    folders = sorted(p for p in root.glob("iter_*") if p.is_dir() and p.name[5:].isdigit())
+    folders = [checkpoint_dir(root, s) for s in checkpoint_steps(root)]
     for old in folders[:-keep_last]:
         if old != keep:
             shutil.rmtree(old, ignore_errors=True)
@@ -435,12 +397,12 @@ def load_checkpoint(
     if step is None:
         step = latest_step(root)
         if step is None:
-            raise FileNotFoundError(f"no checkpoint under {root} (no '{_LATEST}' file)")
+            raise FileNotFoundError(f"no checkpoint under {root} (no '{LATEST}' file)")
     path = checkpoint_dir(root, step)
     if not path.is_dir():
         raise FileNotFoundError(
             f"checkpoint folder {path} does not exist (folders under {root}: "
-            f"{_step_folders(root) or 'none'}); pass checkpoint.load_step=<one of them>"
+            f"{step_folders(root) or 'none'}); pass checkpoint.load_step=<one of them>"
         )
     try:
         common = dist_checkpointing.load_common_state_dict(str(path))
@@ -448,7 +410,7 @@ def load_checkpoint(
     except Exception as exc:  # a file missing, truncated or from another program
         raise CheckpointError(
             f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}; resume from an earlier "
-            f"step with checkpoint.load_step (folders: {_step_folders(root)})"
+            f"step with checkpoint.load_step (folders: {step_folders(root)})"
         ) from exc
     if model_config is not None:
         _check_same_architecture(common, model_config, path)

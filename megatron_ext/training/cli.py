@@ -1,18 +1,29 @@
 """Command line of the trainer: `python -m megatron_ext.training --config run.toml [flags]`.
 
-Launch one process per rank with torchrun (e.g. `torchrun --nproc-per-node 4 -m
-megatron_ext.training --config run.toml`); a single process runs without torchrun. The file
+`--nproc-per-node N` starts N ranks on this machine through torchrun's launcher (torch.distributed.run)
+and reports a failure as the ranks' one `error:` line. Multi-node jobs launch one process per rank
+with torchrun or Slurm as usual (e.g. `torchrun --nnodes 2 --nproc-per-node 8 ... -m
+megatron_ext.training --config run.toml`); a single process runs without any launcher. The file
 (JSON or TOML) holds the nested fields of TrainConfig; flags override it, and `--set
 section.field=value` overrides any field (values are parsed as JSON when they can be).
+
+Everything that can be checked without torch is checked first (the configuration, the parallel
+layout against the world size, where the run starts, that the data files exist), so that a
+mistake is reported in well under a second instead of after the 10-15 s megatron-core takes to
+import. A default-corpus folder's manifest (megatron_ext.data.default_corpus) gives the model's
+vocabulary size and the end-of-document id unless they are set.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
+from megatron_ext.core.checkpoint_layout import CheckpointError
 from megatron_ext.training.config import (
     ConfigError,
     TrainConfig,
@@ -37,9 +48,11 @@ _FLAGS: dict[str, tuple[str | None, str]] = {
     "lr": ("optimizer", "lr"),
     "min_lr": ("optimizer", "min_lr"),
     "warmup_steps": ("optimizer", "warmup_steps"),
+    "vocab_size": ("model", "vocab_size"),
     "save": ("checkpoint", "save_dir"),
     "save_interval": ("checkpoint", "save_interval"),
     "load": ("checkpoint", "load_dir"),
+    "load_step": ("checkpoint", "load_step"),
     "log_dir": ("logging", "log_dir"),
     "eod_id": ("data", "eod_id"),
     "split": ("data", "split"),
@@ -53,6 +66,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Pre-train a Qwen3-style model with the reward-shaped loss on megatron-core.",
     )
     p.add_argument("--config", type=Path, help="JSON or TOML file with TrainConfig fields")
+    p.add_argument(
+        "--nproc-per-node",
+        type=int,
+        help="start this many ranks on this machine (torchrun's launcher, run from here: a "
+        "failed run ends with its one error line, without torchrun's report)",
+    )
     p.add_argument("--model", help="model preset (tiny, tiny_moe, dense_1b, dense_4b, moe_...)")
     p.add_argument("--shaping", help="reward-shaping preset (ce, precision, diversity, ...)")
     p.add_argument("--data-path", nargs="+", help="indexed dataset prefixes (no .bin/.idx)")
@@ -69,10 +88,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--min-lr", type=float)
-    p.add_argument("--warmup-steps", type=int)
-    p.add_argument("--save", help="checkpoint folder to write")
+    p.add_argument("--warmup-steps", type=int, help="default: 2000, at most a tenth of the run")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        help="the model's vocabulary (default: the data folder's manifest.json, else the preset's)",
+    )
+    p.add_argument(
+        "--save",
+        help="checkpoint folder; a run whose folder holds checkpoints resumes from the latest",
+    )
     p.add_argument("--save-interval", type=int)
-    p.add_argument("--load", help="checkpoint folder to resume from")
+    p.add_argument(
+        "--load",
+        help="checkpoint folder to start from while --save holds none (must exist)",
+    )
+    p.add_argument("--load-step", type=int, help="load this step instead of the latest")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        default=None,
+        help="start anew although --save / --log-dir hold an earlier run's checkpoints / "
+        "metrics (they are removed)",
+    )
     p.add_argument("--log-dir", help="folder for metrics.jsonl and TensorBoard")
     p.add_argument("--eod-id", type=int)
     p.add_argument("--split", help="train,valid,test split, e.g. 98,2,0")
@@ -125,8 +163,9 @@ def _put(values: dict[str, Any], section: str | None, field: str, value: Any) ->
     table[field] = value
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig from a config file (optional) and the flags."""
+def config_from_args(args: argparse.Namespace, announce: bool = True) -> TrainConfig:
+    """The TrainConfig from a config file (optional) and the flags; with `announce`, rank 0 says
+    which values came from a default corpus's manifest."""
     values: dict[str, Any] = {}
     if args.config is not None:
         values = read_config_file(args.config)
@@ -148,6 +187,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         values["bf16"] = True
     if args.native_cross_entropy:
         values["native_cross_entropy"] = True
+    if args.overwrite:
+        _put(values, "checkpoint", "overwrite", True)
     for flag, (section, field) in _FLAGS.items():
         value = getattr(args, flag)
         if value is not None:
@@ -158,7 +199,128 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             raise ConfigError(f"--set {item!r} is not SECTION.FIELD=VALUE")
         section, dot, field = key.rpartition(".")
         _put(values, section if dot else None, field, _parse_value(raw))
+    _corpus_defaults(values, announce)
     return config_from_dict(values)
+
+
+def _corpus_defaults(values: dict[str, Any], announce: bool) -> None:
+    """The model's vocabulary size and the end-of-document id from the manifest.json of the
+    first data prefix's folder (a default corpus), where neither the file nor a flag set them."""
+    data = values.get("data")
+    paths = data.get("paths") if isinstance(data, dict) else None
+    if not paths:
+        return
+    manifest = Path(paths[0]).parent / "manifest.json"
+    try:
+        found = json.loads(manifest.read_text())
+        vocab, eod = int(found["vocab_size"]), int(found["eod_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    model = values.get("model")
+    if isinstance(model, str):
+        model = values["model"] = {"preset": model}
+    taken = []
+    if isinstance(model, dict) and "vocab_size" not in model:
+        model["vocab_size"] = vocab
+        taken.append(f"model.vocab_size={vocab}")
+    if "eod_id" not in data:
+        data["eod_id"] = eod
+        taken.append(f"data.eod_id={eod}")
+    if taken and announce and int(os.environ.get("RANK", "0")) == 0:
+        print(f"{' and '.join(taken)} from {manifest}", flush=True)
+
+
+def _flag_hints(message: str) -> str:
+    """The message with the command-line flag of every field it names, e.g. optimizer.lr ->
+    (--lr), added to the line that names it."""
+    flags = {
+        f"{section}.{field}" if section else field: "--" + flag.replace("_", "-")
+        for flag, (section, field) in _FLAGS.items()
+    }
+    flags["data.paths"] = "--data-path"
+    lines = []
+    for line in message.split("\n"):
+        named = [flag for name, flag in flags.items() if f"{name}=" in line and flag not in line]
+        lines.append(f"{line} [flag: {', '.join(dict.fromkeys(named))}]" if named else line)
+    return "\n".join(lines)
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The command line less its --nproc-per-node option (in either spelling)."""
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--nproc-per-node":
+            skip = True
+        elif not item.startswith("--nproc-per-node="):
+            out.append(item)
+    return out
+
+
+def _launch(args: argparse.Namespace, argv: list[str]) -> int:
+    """Check the run as N ranks would, then start them with torchrun's launcher; a failure is
+    reported by the ranks themselves (rank 0's `error:` line), not by a launcher traceback."""
+    nproc = args.nproc_per_node
+    if nproc < 1:
+        print(f"error: --nproc-per-node must be >= 1, got {nproc}", file=sys.stderr)
+        return 1
+    os.environ["WORLD_SIZE"] = str(nproc)
+    try:
+        check_before_launch(config_from_args(args, announce=False))
+    except Exception as exc:
+        from megatron_ext.data.errors import DataError
+
+        if not isinstance(exc, (ConfigError, DataError, CheckpointError)):
+            raise
+        print(f"error: {_flag_hints(str(exc))}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        del os.environ["WORLD_SIZE"]
+    # One intra-op thread per rank unless asked otherwise (what torchrun does, without its
+    # banner); torchrun's agent logs at WARNING.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("LOGLEVEL", "WARNING")
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args as torchrun_args
+    from torch.distributed.run import run
+
+    launch = torchrun_args(
+        ["--nproc-per-node", str(nproc), "-m", "megatron_ext.training", *_without_nproc(argv)]
+    )
+    try:
+        run(launch)
+    except ChildFailedError as exc:
+        codes = sorted({f.exitcode for f in exc.failures.values()})
+        print(
+            f"{len(exc.failures)} of {nproc} ranks exited with status {codes}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
+    return 0
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_before_launch(config: TrainConfig) -> None:
+    """The checks that need neither torch nor a process group, run before the slow imports:
+    the layout against the world size, where the run starts, and that the data files exist.
+
+    Raises:
+        ConfigError: one of them fails (the message names the value and the fix).
+    """
+    from megatron_ext.data.validate import check_files_exist
+    from megatron_ext.training.start import plan_start
+
+    config.validate(_world_size())
+    try:
+        plan_start(config)
+    except CheckpointError as exc:
+        raise ConfigError(str(exc)) from None
+    check_files_exist(list(config.data.paths))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,34 +330,33 @@ def main(argv: list[str] | None = None) -> int:
     data, checkpoint or non-finite-loss error (printed as one message, without a traceback, by
     rank 0: every rank raises the same one).
     """
-    import os
-    import sys
-
     from megatron_ext.data.errors import DataError
-    from megatron_ext.training.checkpoint import CheckpointError, NonFiniteWeightsError
 
     args = parse_args(argv)
+    if args.nproc_per_node is not None and "LOCAL_RANK" not in os.environ:
+        return _launch(args, list(sys.argv[1:] if argv is None else argv))
+    # FileNotFoundError: a checkpoint folder removed while the run started.
+    expected: tuple[type[Exception], ...] = (
+        ConfigError,
+        DataError,
+        CheckpointError,
+        FileNotFoundError,
+    )
     try:
         config = config_from_args(args)
         if args.print_config:
             print(json.dumps(config_to_dict(config), indent=2))
             return 0
+        check_before_launch(config)
+        from megatron_ext.training.checkpoint import NonFiniteWeightsError
         from megatron_ext.training.trainer import NonFiniteError, pretrain
 
-        try:
-            pretrain(config)
-        except (
-            DataError,
-            CheckpointError,
-            NonFiniteError,
-            NonFiniteWeightsError,
-            FileNotFoundError,  # checkpoint.load_dir/load_step naming no checkpoint
-        ) as exc:
-            if int(os.environ.get("RANK", "0")) == 0:
-                print(f"error: {exc}", file=sys.stderr, flush=True)
-            return 1
-    except ConfigError as exc:
+        expected += (NonFiniteError, NonFiniteWeightsError)
+        pretrain(config)
+    except Exception as exc:
+        if not isinstance(exc, expected):
+            raise
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
+            print(f"error: {_flag_hints(str(exc))}", file=sys.stderr, flush=True)
         return 1
     return 0

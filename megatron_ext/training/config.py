@@ -32,6 +32,10 @@ __all__ = [
 ]
 
 
+PAPER_WARMUP_STEPS = 2000
+"""Warmup of the paper's schedule (setup.md), the default of OptimizerConfig.warmup_steps."""
+
+
 class ConfigError(ValueError):
     """A run configuration that cannot work (raised before any distributed work starts)."""
 
@@ -90,8 +94,9 @@ class OptimizerConfig:
     """Peak learning rate, reached after warmup and held during the stable phase."""
     min_lr: float = 3e-5
     """Learning rate at the end of the decay phase."""
-    warmup_steps: int = 2000
-    """Linear warmup from 0 to lr, in optimizer steps."""
+    warmup_steps: int | None = None
+    """Linear warmup from 0 to lr, in optimizer steps; None: the paper's 2,000, but at most a
+    tenth of the schedule (so that a short run warms up too)."""
     decay_steps: int | None = None
     """Length of the whole schedule in steps; None means train_steps."""
     wsd_decay_steps: int = 0
@@ -111,6 +116,12 @@ class OptimizerConfig:
     override_scheduler: bool = False
     """On resume, take the schedule from this config instead of the checkpoint (mid-training)."""
 
+    def warmup_for(self, schedule_steps: int) -> int:
+        """The warmup steps of a schedule of `schedule_steps` steps (see warmup_steps)."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return min(PAPER_WARMUP_STEPS, schedule_steps // 10)
+
     def __post_init__(self) -> None:
         owner = "OptimizerConfig"
         for name in ("lr", "min_lr", "weight_decay", "clip_grad", "adam_eps"):
@@ -122,7 +133,8 @@ class OptimizerConfig:
             _check_float(owner, name, value)
             if value >= 1:
                 raise ConfigError(f"{owner}.{name} must be < 1, got {value!r}")
-        _check_int(owner, "warmup_steps", self.warmup_steps, 0)
+        if self.warmup_steps is not None:
+            _check_int(owner, "warmup_steps", self.warmup_steps, 0)
         _check_int(owner, "wsd_decay_steps", self.wsd_decay_steps, 0)
         if self.decay_steps is not None:
             _check_int(owner, "decay_steps", self.decay_steps, 1)
@@ -188,15 +200,26 @@ class CheckpointConfig:
     """megatron dist_checkpointing of model, optimizer, scheduler, RNG and data position."""
 
     save_dir: str | None = None
-    """Where checkpoints are written (iter_XXXXXXX/ folders and a `latest` file)."""
+    """Where checkpoints are written (iter_XXXXXXX/ folders and a `latest` file). A run whose
+    save_dir already holds checkpoints resumes from the latest of them: relaunching the same
+    command continues the run (see `overwrite` to start anew)."""
     save_interval: int = 0
     """Save every this many steps (0: only at the end, when save_dir is set)."""
     load_dir: str | None = None
-    """Resume from the latest checkpoint here (None: start from scratch)."""
+    """The checkpoint root to start from while save_dir holds no checkpoint yet (e.g. the
+    pre-training run a mid-training run continues); it must exist (an existing, empty folder
+    means a first launch). None: start from scratch."""
     load_step: int | None = None
-    """Load this step instead of the latest."""
+    """Load this step (of load_dir, else of save_dir) instead of the latest checkpoint."""
     load_optimizer: bool = True
-    """Restore optimizer, scheduler, RNG and data position; False loads the weights only."""
+    """When loading load_dir, also restore its optimizer, scheduler, RNG and data position;
+    False takes the weights only and starts at step 0. A resume from save_dir always restores
+    everything."""
+    overwrite: bool = False
+    """Start anew although save_dir holds checkpoints of an earlier run (or log_dir its
+    metrics): the checkpoints after the starting step and the metrics of those steps are removed
+    first. Without it such a start is refused, so that `latest` never moves back and two runs'
+    metrics never mix."""
     keep_last: int = 0
     """Keep only the newest this many checkpoints in save_dir (0: keep all)."""
     save_on_sigterm: bool = True
@@ -406,7 +429,7 @@ class TrainConfig:
             )
         decay = self.optimizer.decay_steps or self.train_steps
         need(
-            self.optimizer.warmup_steps < decay,
+            self.optimizer.warmup_for(decay) < decay,
             f"optimizer.warmup_steps={self.optimizer.warmup_steps} must be smaller than the "
             f"schedule length {decay} (optimizer.decay_steps or train_steps)",
         )

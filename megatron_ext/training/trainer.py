@@ -46,15 +46,18 @@ from megatron_ext.core import install_cpu_compat
 from megatron_ext.core.parallel import destroy_new_process_groups, process_groups
 from megatron_ext.loss import ShapedLossStats
 from megatron_ext.models import IGNORE_INDEX, build_model, to_transformer_config
+from megatron_ext.core.quiet import transformer_engine_notice
 from megatron_ext.training.checkpoint import (
-    latest_step,
+    CheckpointError,
+    checkpoint_dir,
     load_checkpoint,
     remove_incomplete_checkpoints,
     save_checkpoint,
 )
-from megatron_ext.training.config import TrainConfig, config_to_dict
+from megatron_ext.training.config import ConfigError, TrainConfig, config_to_dict
 from megatron_ext.training.data import BatchPlan, MicroBatch, build_datasets
 from megatron_ext.training.metrics import LOSS_SUM_FIELDS, MetricsWriter, sums_to_metrics
+from megatron_ext.training.start import StartPlan, apply_start_plan, plan_start
 
 __all__ = ["NonFiniteError", "StepResult", "TrainResult", "pretrain"]
 
@@ -175,6 +178,28 @@ def _check_data(config: TrainConfig) -> None:
         raise DataError(message[0])
 
 
+def _plan_start(config: TrainConfig) -> StartPlan:
+    """Where the run starts (training.start): decided on rank 0, after it removed what saves
+    killed mid-way left in save_dir, and the same plan, or the same ConfigError, on every rank."""
+    out: list[Any] = [None]
+    if dist.get_rank() == 0:
+        save_dir = config.checkpoint.save_dir
+        if save_dir and os.path.isdir(save_dir):
+            for path in remove_incomplete_checkpoints(save_dir):
+                print(f"removed the incomplete checkpoint {path}", flush=True)
+        try:
+            out[0] = plan_start(config)
+        except (ConfigError, CheckpointError) as exc:
+            out[0] = exc
+        notice = transformer_engine_notice()
+        if notice and not config.use_transformer_engine:
+            print(notice, flush=True)
+    dist.broadcast_object_list(out, src=0)
+    if isinstance(out[0], Exception):
+        raise type(out[0])(str(out[0]))
+    return out[0]
+
+
 def _loss_func(
     loss_mask: torch.Tensor,
     stats: ShapedLossStats | None,
@@ -232,6 +257,7 @@ class Trainer:
         """Initialise megatron's parallel state and build everything (process group required)."""
         self.config = config
         cfg, par = config, config.parallel
+        self.start = _plan_start(cfg)
         _check_data(cfg)
         self.device = (
             torch.device("cuda", torch.cuda.current_device())
@@ -301,7 +327,7 @@ class Trainer:
             init_lr=0.0,
             max_lr=opt.lr,
             min_lr=opt.min_lr,
-            lr_warmup_steps=opt.warmup_steps,
+            lr_warmup_steps=opt.warmup_for(decay_steps),
             lr_decay_steps=decay_steps,
             lr_decay_style="WSD",
             start_wd=opt.weight_decay,
@@ -326,12 +352,7 @@ class Trainer:
             dp_rank=parallel_state.get_data_parallel_rank(),
             dp_size=parallel_state.get_data_parallel_world_size(),
         )
-        self.writer = MetricsWriter(
-            cfg.logging.log_dir,
-            enabled=dist.get_rank() == 0,
-            console=cfg.logging.console,
-            tensorboard=cfg.logging.tensorboard,
-        )
+        self.writer: MetricsWriter | None = None  # opened by run(), after the start plan
 
     # -- one step ---------------------------------------------------------------------------
 
@@ -433,22 +454,26 @@ class Trainer:
     # -- the run ----------------------------------------------------------------------------
 
     def _resume(self) -> tuple[int, int]:
-        ckpt = self.config.checkpoint
-        if ckpt.load_dir is None or (ckpt.load_step is None and latest_step(ckpt.load_dir) is None):
-            if ckpt.load_dir is not None and dist.get_rank() == 0:
-                print(f"no checkpoint under {ckpt.load_dir}: starting from scratch", flush=True)
+        """Carry out the start plan: remove what it says is stale (rank 0), then load its
+        checkpoint. Returns the step and the consumed samples the run continues from."""
+        plan, cfg = self.start, self.config
+        if dist.get_rank() == 0:
+            apply_start_plan(plan, cfg)
+            print(plan.message, flush=True)
+        dist.barrier()
+        if plan.root is None:
             return 0, 0
         state = load_checkpoint(
-            ckpt.load_dir,
+            plan.root,
             model=self.model,
             optimizer=self.optimizer,
             scheduler=self.scheduler,
-            distributed_optimizer=self.config.parallel.distributed_optimizer,
-            load_optimizer=ckpt.load_optimizer,
-            step=ckpt.load_step,
-            model_config=dataclasses.asdict(self.config.model),
+            distributed_optimizer=cfg.parallel.distributed_optimizer,
+            load_optimizer=plan.full_state,
+            step=plan.step,
+            model_config=dataclasses.asdict(cfg.model),
         )
-        if not ckpt.load_optimizer:
+        if not plan.full_state:
             return 0, 0
         return state["step"], state["consumed_samples"]
 
@@ -464,14 +489,6 @@ class Trainer:
             extra={"config": config_to_dict(self.config)},
             keep_last=self.config.checkpoint.keep_last,
         )
-
-    def _clean_save_dir(self) -> None:
-        """Remove what saves killed mid-way left in save_dir (one rank, before anyone reads)."""
-        save_dir = self.config.checkpoint.save_dir
-        if save_dir and dist.get_rank() == 0 and os.path.isdir(save_dir):
-            for path in remove_incomplete_checkpoints(save_dir):
-                print(f"removed the incomplete checkpoint {path}", flush=True)
-        dist.barrier()
 
     def _sample_log(self, step: int, batches: list[MicroBatch]) -> dict[str, Any] | None:
         """This step's sample indices and a CRC32 of its tokens, over all data-parallel ranks (in
@@ -497,8 +514,13 @@ class Trainer:
         SIGTERM makes the run finish its step, save and return early (stopped_by_signal).
         """
         cfg = self.config
-        self._clean_save_dir()
         step, consumed = self._resume()
+        self.writer = MetricsWriter(
+            cfg.logging.log_dir,
+            enabled=dist.get_rank() == 0,
+            console=cfg.logging.console,
+            tensorboard=cfg.logging.tensorboard,
+        )
         result = TrainResult(records=[], sample_indices={}, start_step=step, final_step=step)
         tokens_per_step = cfg.global_batch_size * cfg.sequence_length
         save_dir, interval = cfg.checkpoint.save_dir, cfg.checkpoint.save_interval
@@ -579,7 +601,24 @@ class Trainer:
             if samples_log is not None:
                 samples_log.close()
         result.final_step = step
+        if rank0 and not result.stopped_by_signal:
+            print(self._final_line(result), flush=True)
         return result
+
+    def _final_line(self, result: TrainResult) -> str:
+        """Where the run ended and where its outputs are."""
+        cfg = self.config
+        if result.final_step == result.start_step:
+            head = f"nothing to train: the run is at step {result.final_step} of train_steps="
+            head += f"{cfg.train_steps} already (raise train_steps to continue it)"
+        else:
+            head = f"finished at step {result.final_step} of {cfg.train_steps}"
+        parts = [head]
+        if cfg.checkpoint.save_dir:
+            parts.append(f"checkpoint {checkpoint_dir(cfg.checkpoint.save_dir, result.final_step)}")
+        if cfg.logging.log_dir:
+            parts.append(f"metrics {os.path.join(cfg.logging.log_dir, 'metrics.jsonl')}")
+        return "; ".join(parts)
 
 
 def pretrain(config: TrainConfig) -> TrainResult:

@@ -5,7 +5,7 @@
         --account ACC --partition batch --nodes 16 --container-image IMG \\
         --mount /lustre/data:/data --mount /lustre/results:/results --dryrun
     python -m run_configs midtrain --recipe dense_4b --preset precision --executor slurm ...
-    python -m run_configs compare --data-dir outputs/corpus --out outputs/compare --steps 200
+    python -m run_configs compare --data-dir outputs/main/corpus --out outputs/compare --steps 200
     python -m run_configs report outputs/compare/ce outputs/compare/precision --out DIR
     python -m run_configs recipes
 
@@ -22,24 +22,16 @@ what would run (the torchrun command line, or the sbatch script) without running
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
+import subprocess
 import sys
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 __all__ = ["main"]
-
-
-def quiet_import_warnings() -> None:
-    """Hide the import-time notices of megatron-core without Apex/Transformer Engine."""
-    for message in (
-        "Transformer Engine and Apex are not installed",
-        "Apex is not installed",
-        "absl.logging is not installed",
-    ):
-        warnings.filterwarnings("ignore", message=message)
 
 
 # -- commands -------------------------------------------------------------------------------------
@@ -60,7 +52,11 @@ def _ensure_corpus(data_dir: str) -> None:
         return
     from megatron_ext.data import build_default_corpus
 
-    print(f"building the default corpus in {data_dir}", flush=True)
+    print(
+        f"building the default corpus in {data_dir} (none there yet; --data-dir DIR reuses "
+        "another build, e.g. make demo's outputs/main/corpus)",
+        flush=True,
+    )
     build_default_corpus(data_dir)
 
 
@@ -69,6 +65,8 @@ def _recipe(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     from run_configs.recipes import get_recipe
 
     recipe = get_recipe(args.recipe, args.command)
+    if args.preset is None:
+        args.preset = _continued_preset(args)
     kwargs: dict[str, Any] = {"preset": args.preset}
     if args.out is not None:
         kwargs["out_dir"] = args.out
@@ -79,17 +77,73 @@ def _recipe(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
             raise ValueError("--data is for the paper recipes; the tiny recipe takes --data-dir")
     elif args.data:
         kwargs["data_paths"] = list(args.data)
-    if args.command == "midtrain":
-        if args.recipe == "tiny" and not args.load:
-            raise ValueError("midtrain --recipe tiny needs --load (the pre-training checkpoints)")
-        if args.load:
-            kwargs["load_dir"] = args.load
-    elif args.load:
-        raise ValueError(
-            "--load is for midtrain; pretrain takes checkpoint.load_dir=DIR (the paper recipes "
-            "resume from their own checkpoint folder)"
-        )
+    if args.load:
+        kwargs["load_dir"] = args.load
     return recipe, kwargs
+
+
+def _precheck(args: argparse.Namespace) -> None:
+    """The argument checks that need neither NeMo-Run nor megatron-core (10-25 s to import).
+
+    Raises:
+        ValueError: naming the option and the fix.
+    """
+    if args.command == "compare":
+        found = _earlier_comparison(args)
+        if found and not args.overwrite and not args.dryrun:
+            raise ValueError(
+                f"--out {args.out} holds an earlier comparison "
+                f"({', '.join(p.name for p in found)}); pass --overwrite to remove it and start "
+                "clean, or choose another --out"
+            )
+        return
+    if args.command not in ("pretrain", "midtrain"):
+        return
+    from megatron_ext.core.checkpoint_layout import missing_root_message
+
+    fields = {item.partition("=")[0] for item in args.overrides}
+    if args.recipe == "tiny" and args.data:
+        raise ValueError("--data is for the paper recipes; the tiny recipe takes --data-dir")
+    if args.recipe != "tiny" and not args.data and "data.paths" not in fields:
+        raise ValueError(
+            f"--recipe {args.recipe} needs --data PREFIX [PREFIX ...]: the indexed datasets as "
+            f"the job sees them (e.g. /data/{args.command}_text_document; "
+            "tools/preprocess_data.py makes them)"
+        )
+    if args.command == "pretrain" and args.load:
+        raise ValueError(
+            "--load is for midtrain; a pretrain run resumes from its own checkpoint folder, and "
+            "checkpoint.load_dir=DIR starts it from another run's"
+        )
+    if args.command == "midtrain" and args.recipe == "tiny" and not args.load:
+        raise ValueError("midtrain --recipe tiny needs --load (the pre-training checkpoints)")
+    if args.load and args.executor == "local" and not Path(args.load).exists():
+        raise ValueError(missing_root_message("--load", args.load))
+
+
+def _continued_preset(args: argparse.Namespace) -> str:
+    """midtrain without --preset: the loss preset of the checkpoint it continues."""
+    from megatron_ext.core.checkpoint_layout import checkpoint_dir, latest_step
+    from megatron_ext.export.from_training import training_run_config
+    from megatron_ext.loss.config import RewardShapingConfig
+
+    load = args.load
+    step = latest_step(load) if load and Path(load).is_dir() else None
+    if step is None:
+        raise ValueError(
+            f"midtrain needs --preset: the checkpoint it continues ({load or 'the recipe default'})"
+            " cannot be read here to take the pre-training's preset from it"
+        )
+    shaping = training_run_config(checkpoint_dir(load, step)).get("shaping", {})
+    for name in RewardShapingConfig.PRESET_NAMES:
+        values = dataclasses.asdict(RewardShapingConfig.preset(name))
+        if all(shaping.get(k) == v for k, v in values.items()):
+            print(f"loss preset {name!r}: the one {load} (step {step}) was trained with")
+            return name
+    raise ValueError(
+        f"{load} (step {step}) was trained with a loss that is no preset ({shaping}); pass "
+        "--preset, and shaping.FIELD=VALUE overrides for the rest"
+    )
 
 
 def _executor(args: argparse.Namespace) -> Any:
@@ -144,7 +198,11 @@ def _train(args: argparse.Namespace) -> int:
     recipe, kwargs = _recipe(args)
     overrides = split_overrides(args.overrides, recipe)
     config = apply_overrides(recipe(**kwargs, **overrides.recipe), overrides.config)
+    if args.overwrite:
+        config.checkpoint.overwrite = True
     executor = override_executor(_executor(args), overrides.executor)
+    if args.executor == "slurm" and args.packager == "git":
+        _warn_uncommitted()
     world = executor_world_size(executor)
     layout = check_world(config, world, check_environment=runs_here(executor))
     name = args.name or f"{args.command}-{args.recipe}-{args.preset}"
@@ -160,11 +218,40 @@ def _train(args: argparse.Namespace) -> int:
             print(script)
         print(f"dry run: nothing was launched (job files in {result.experiment_dir})")
         return 0
+    outputs = f"checkpoints {config.checkpoint.save_dir}, metrics {config.logging.log_dir}"
+    print(f"run folders: {outputs}", flush=True)
     outcome = launch(task, executor, name=name, detach=args.detach, check=False)
     for job, state in outcome.states.items():
         print(f"{job}: {state}")
     print(f"experiment {outcome.experiment_id}: {outcome.experiment_dir}")
+    if outcome.succeeded:
+        print(f"outputs: {outputs}/metrics.jsonl")
     return 0 if outcome.succeeded or args.detach else 1
+
+
+def _warn_uncommitted() -> None:
+    """The git packager ships the committed HEAD: say so when the working tree differs."""
+    try:
+        changed = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=normal"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.splitlines()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return
+    if changed:
+        shown = ", ".join(line[3:] for line in changed[:3]) + (", ..." if len(changed) > 3 else "")
+        print(
+            f"warning: the working tree has {len(changed)} uncommitted change(s) ({shown}); the "
+            f"git packager ships the committed HEAD {head} only: commit them, or pass "
+            "--packager none when the image has the code",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -175,6 +262,7 @@ def _compare(args: argparse.Namespace) -> int:
         use_nemorun_home(args.nemorun_home)
     data_dir = args.data_dir
     if not args.dryrun:
+        _clear_comparison(args)
         _ensure_corpus(data_dir)
     kwargs: dict[str, Any] = {
         "data_dir": data_dir,
@@ -204,6 +292,32 @@ def _compare(args: argparse.Namespace) -> int:
     print((Path(args.out) / "report.md").read_text())
     print(f"report: {Path(args.out) / 'report.md'}, {Path(args.out) / 'report.png'}")
     return 0
+
+
+def _earlier_comparison(args: argparse.Namespace) -> list[Path]:
+    """What an earlier comparison left in --out: its preset runs and report files."""
+    out = Path(args.out)
+    from run_configs.names import PRESETS
+
+    return [
+        p
+        for p in [*(out / name for name in PRESETS), *(out / f"report.{e}" for e in _REPORT_EXT)]
+        if p.exists()
+    ]
+
+
+_REPORT_EXT = ("md", "png", "json")
+
+
+def _clear_comparison(args: argparse.Namespace) -> None:
+    """With --overwrite, remove an earlier comparison's runs and report from --out."""
+    import shutil
+
+    found = _earlier_comparison(args)
+    if found and args.overwrite:
+        print(f"--overwrite: removing the earlier comparison in {args.out}", flush=True)
+        for path in found:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -240,8 +354,12 @@ def _recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+_CORPUS_DIR = "outputs/main/corpus"
+"""Where `make demo` builds the default corpus; the launcher's default too (one copy)."""
+
+
 def _parser() -> argparse.ArgumentParser:
-    from run_configs.recipes import PRESETS, RECIPE_NAMES
+    from run_configs.names import PRESETS, RECIPE_NAMES
 
     p = argparse.ArgumentParser(
         prog="python -m run_configs",
@@ -253,14 +371,30 @@ def _parser() -> argparse.ArgumentParser:
     for stage in ("pretrain", "midtrain"):
         s = sub.add_parser(stage, help=f"{stage} with a recipe on an executor")
         s.add_argument("--recipe", required=True, choices=RECIPE_NAMES)
-        s.add_argument("--preset", default="ce", choices=PRESETS, help="loss preset")
+        if stage == "pretrain":
+            s.add_argument("--preset", default="ce", choices=PRESETS, help="loss preset (ce)")
+        else:
+            s.add_argument(
+                "--preset",
+                choices=PRESETS,
+                help="loss preset (default: the one the --load checkpoint was trained with)",
+            )
         s.add_argument("--executor", default="local", choices=("local", "slurm"))
         s.add_argument("--name", help="experiment/job name")
         s.add_argument("--out", help="run output folder (checkpoints/, logs/)")
-        s.add_argument("--data-dir", default="outputs/corpus", help="tiny: default-corpus folder")
+        s.add_argument(
+            "--data-dir",
+            default=_CORPUS_DIR,
+            help="tiny: default-corpus folder, built first if missing (%(default)s)",
+        )
         s.add_argument("--data", nargs="+", help="paper recipes: indexed dataset prefixes")
         s.add_argument("--load", help="midtrain: the pre-training checkpoint folder")
         s.add_argument("--dryrun", action="store_true", help="validate and print, run nothing")
+        s.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="start anew although --out holds an earlier run (its checkpoints are removed)",
+        )
         s.add_argument("--detach", action="store_true", help="Slurm: return once submitted")
         s.add_argument("--nemorun-home", help="NeMo-Run's folder (default $NEMORUN_HOME)")
         g = s.add_argument_group("local executor")
@@ -288,8 +422,11 @@ def _parser() -> argparse.ArgumentParser:
         s.set_defaults(func=_train)
 
     c = sub.add_parser("compare", help="the five loss presets side by side on the tiny recipe")
-    c.add_argument("--data-dir", default="outputs/corpus", help="built first if missing")
+    c.add_argument("--data-dir", default=_CORPUS_DIR, help="built first if missing")
     c.add_argument("--out", default="outputs/compare")
+    c.add_argument(
+        "--overwrite", action="store_true", help="remove an earlier comparison in --out first"
+    )
     c.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS)
     c.add_argument("--steps", type=int, default=200)
     c.add_argument("--nproc", type=int, default=1)
@@ -311,12 +448,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m run_configs`."""
-    quiet_import_warnings()
-    from megatron_ext.training import ConfigError
+    from megatron_ext.core.checkpoint_layout import CheckpointError
+    from megatron_ext.training.config import ConfigError
 
     args = _parser().parse_args(argv)
     try:
+        _precheck(args)
         return args.func(args)
-    except (ValueError, ConfigError, FileNotFoundError) as exc:
+    except (ValueError, ConfigError, FileNotFoundError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -125,8 +125,9 @@ def check_world(
         config: a run.Config[TrainConfig] or a TrainConfig.
         world_size: ranks the job will have.
         check_environment: also check what the trainer checks of this machine (Transformer
-            Engine installed when use_transformer_engine is set); False for jobs that run
-            elsewhere (Slurm: the container image has its own packages).
+            Engine installed when use_transformer_engine is set; where the run starts: a
+            load_dir that exists, no earlier run in save_dir without checkpoint.overwrite);
+            False for jobs that run elsewhere (Slurm: the cluster's file system and image).
 
     Raises:
         megatron_ext.training.ConfigError: the configuration cannot run on world_size ranks.
@@ -135,6 +136,10 @@ def check_world(
     if not check_environment and built.use_transformer_engine:
         built = dataclasses.replace(built, use_transformer_engine=False)
     built.validate(world_size)
+    if check_environment:
+        from megatron_ext.training.start import plan_start
+
+        plan_start(built)
     p = built.parallel
     return ParallelLayout.derive(world_size, tensor=p.tensor, pipeline=p.pipeline, expert=p.expert)
 
@@ -166,6 +171,8 @@ def local_executor(
         # torchx resolves `torchrun` on the ranks' PATH: this interpreter's, not whichever is first.
         "PATH": str(Path(sys.executable).parent),
         "PYTHONUNBUFFERED": "1",
+        # NeMo-Run starts torchrun with LOGLEVEL=INFO (about 45 lines of agent set-up per run).
+        "LOGLEVEL": "WARNING",
     }
     if gpu:
         available = torch.cuda.device_count()

@@ -41,6 +41,8 @@ from megatron_ext.training import (
     TrainConfig,
     pretrain,
 )
+from megatron_ext.training.config import PAPER_WARMUP_STEPS
+from run_configs.names import PAPER_MODELS, PRESETS, RECIPE_NAMES, STAGES
 
 __all__ = [
     "GLOBAL_BATCH_TOKENS",
@@ -65,8 +67,6 @@ __all__ = [
     "tiny_pretrain",
 ]
 
-PRESETS: tuple[str, ...] = RewardShapingConfig.PRESET_NAMES
-"""The loss presets, selectable by name in every recipe."""
 
 # -- the paper's schedule (setup.md) --------------------------------------------------------------
 
@@ -84,27 +84,12 @@ PEAK_LR = 3e-4
 """Learning rate after warmup, held through pre-training."""
 FINAL_LR = 3e-5
 """Learning rate at the end of mid-training."""
-WARMUP_STEPS = 2000
+WARMUP_STEPS = PAPER_WARMUP_STEPS
 """Linear warmup steps at the start of pre-training."""
 PRETRAIN_ROPE_BASE = 1e4
 """RoPE base of pre-training."""
 MIDTRAIN_ROPE_BASE = 1e6
 """RoPE base of mid-training."""
-
-PAPER_MODELS: tuple[str, ...] = (
-    "dense_1b",
-    "dense_4b",
-    "moe_5b_a0.3b",
-    "moe_10b_a0.5b",
-    "moe_20b_a1b",
-)
-"""The paper's models (megatron_ext.models presets)."""
-
-STAGES: tuple[str, ...] = ("pretrain", "midtrain")
-"""Training stages a recipe exists for."""
-
-RECIPE_NAMES: tuple[str, ...] = ("tiny", *PAPER_MODELS)
-"""Recipe names: the tiny CPU model and the paper's models."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -218,7 +203,7 @@ def _tiny_data(data_dir: str | Path, eod_id: int) -> run.Config[DataConfig]:
 
 def tiny_pretrain(
     *,
-    data_dir: str | Path = "outputs/corpus",
+    data_dir: str | Path = "outputs/main/corpus",
     out_dir: str | Path | None = None,
     preset: str = "ce",
     vocab_size: int = 8192,
@@ -291,7 +276,7 @@ def tiny_pretrain(
 def tiny_midtrain(
     *,
     load_dir: str | Path,
-    data_dir: str | Path = "outputs/corpus",
+    data_dir: str | Path = "outputs/main/corpus",
     out_dir: str | Path | None = None,
     preset: str = "ce",
     vocab_size: int = 8192,
@@ -443,8 +428,7 @@ def paper_pretrain(
         checkpoint=run.Config(
             CheckpointConfig,
             save_dir=f"{out}/checkpoints",
-            save_interval=save_interval,
-            load_dir=f"{out}/checkpoints",  # a requeued or resubmitted job resumes
+            save_interval=save_interval,  # a requeued or resubmitted job resumes from here
         ),
         logging=run.Config(LoggingConfig, log_dir=f"{out}/logs", log_interval=1),
         train_steps=train_steps or _steps(train_tokens),
@@ -485,9 +469,8 @@ def paper_midtrain(
 
     The pre-training checkpoint is loaded as weights only (CheckpointConfig.load_optimizer=False):
     the trainer restores the data position together with the optimizer state, and mid-training
-    reads a different dataset from its start. To continue an interrupted mid-training run, point
-    it at its own checkpoints: `checkpoint.load_dir=<out_dir>/checkpoints
-    checkpoint.load_optimizer=true`.
+    reads a different dataset from its start. An interrupted or requeued mid-training job resumes
+    from its own checkpoints (<out_dir>/checkpoints) as soon as it has one, whole.
 
     Args:
         model: one of PAPER_MODELS.

@@ -1,5 +1,5 @@
 # The two quick-start commands of the README are `make demo` and `make test`.
-.PHONY: setup demo test loss-demo compare bench
+.PHONY: setup demo test reliability-report loss-demo compare bench
 
 setup:
 	bash tools/bootstrap.sh
@@ -11,6 +11,11 @@ demo: setup
 
 test: setup
 	.venv/bin/python -m pytest -q tests
+
+# Rerun the fault-injection and bad-input tests and rewrite docs/reliability.md from their figures.
+reliability-report: setup
+	RELIABILITY_REPORT=docs/reliability.md .venv/bin/python -m pytest -q tests/test_reliability.py \
+		tests/test_data_validation.py tests/test_config_errors.py
 
 # The five loss presets side by side on a byte-level bigram model (seconds).
 loss-demo: setup

@@ -49,10 +49,11 @@ def pytest_runtest_logreport(report):
 
 def pytest_sessionfinish(session, exitstatus):
     shutdown_pools()
-    if reliability_report.write_if_complete(
+    written = reliability_report.write_if_complete(
         _reliability["collected"], _reliability["passed"], _reliability["deselected"]
-    ):
-        print(f"\nreliability report written to {reliability_report.REPORT}")
+    )
+    if written:
+        print(f"\nreliability report written to {written}")
 
 
 @pytest.fixture

@@ -2,17 +2,23 @@
 
 Tests marked `reliability` call `record(section, **row)` with what they injected and what they
 measured. When the session ends, the report is rewritten if every reliability test of the suite
-was collected and passed (a partial or failing run leaves the committed report alone).
+was collected and passed (a partial or failing run leaves the committed report alone), and only
+when asked: `make reliability-report` sets RELIABILITY_REPORT=docs/reliability.md. A plain
+`make test` leaves the committed report (and so the working tree) as it is.
 """
 
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 from pathlib import Path
 from typing import Any
 
 REPORT = Path(__file__).resolve().parents[1] / "docs" / "reliability.md"
+"""The committed report."""
+REQUEST = "RELIABILITY_REPORT"
+"""Environment variable naming the file to write the report to (unset: no report is written)."""
 
 SECTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "kill9": (
@@ -94,7 +100,8 @@ def render() -> str:
             "and `tests/test_config_errors.py`, marker `reliability`) on "
             f"{datetime.date.today().isoformat()}, {platform.machine()}, CPU ranks over gloo."
         ),
-        "Every figure below was measured by the run that wrote it; rerun `make test` to refresh.",
+        "Every figure below was measured by the run that wrote it; `make reliability-report`",
+        "reruns those tests and rewrites this file.",
         "",
     ]
     counts = {name: sum(1 for s, _ in _entries if s == name) for name in SECTIONS}
@@ -139,10 +146,13 @@ def render() -> str:
     return "\n".join(lines)
 
 
-def write_if_complete(collected: set[str], passed: set[str], deselected: bool) -> bool:
-    """Rewrite the report when every reliability test ran and passed; returns whether it did."""
-    if not _entries or deselected or not collected or collected != passed:
-        return False
-    REPORT.parent.mkdir(parents=True, exist_ok=True)
-    REPORT.write_text(render())
-    return True
+def write_if_complete(collected: set[str], passed: set[str], deselected: bool) -> Path | None:
+    """Write the report to $RELIABILITY_REPORT when it is set and every reliability test ran and
+    passed; returns the file written, or None."""
+    target = os.environ.get(REQUEST)
+    if not target or not _entries or deselected or not collected or collected != passed:
+        return None
+    path = Path(target)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render())
+    return path

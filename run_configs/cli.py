@@ -31,19 +31,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from megatron_ext.data.default_corpus import corpus_tokens
+
 __all__ = ["main"]
 
 
 # -- commands -------------------------------------------------------------------------------------
-
-
-def _corpus_tokens(data_dir: str) -> dict[str, int]:
-    """vocab_size and eod_id from a default-corpus manifest, when there is one."""
-    manifest = Path(data_dir) / "manifest.json"
-    if not manifest.is_file():
-        return {}
-    values = json.loads(manifest.read_text())
-    return {"vocab_size": int(values["vocab_size"]), "eod_id": int(values["eod_id"])}
 
 
 def _ensure_corpus(data_dir: str) -> None:
@@ -72,7 +65,7 @@ def _recipe(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         kwargs["out_dir"] = args.out
     if args.recipe == "tiny":
         kwargs["data_dir"] = args.data_dir
-        kwargs.update(_corpus_tokens(args.data_dir))
+        kwargs.update(corpus_tokens(args.data_dir))
         if args.data:
             raise ValueError("--data is for the paper recipes; the tiny recipe takes --data-dir")
     elif args.data:
@@ -119,6 +112,16 @@ def _precheck(args: argparse.Namespace) -> None:
         raise ValueError("midtrain --recipe tiny needs --load (the pre-training checkpoints)")
     if args.load and args.executor == "local" and not Path(args.load).exists():
         raise ValueError(missing_root_message("--load", args.load))
+    if args.executor == "slurm" and args.packager == "git":
+        inside = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=False
+        )
+        if inside.returncode != 0:
+            raise ValueError(
+                f"--packager git ships the committed HEAD of the repository this runs in, but "
+                f"{os.getcwd()} is not inside a git checkout: run from the repository, or pass "
+                "--packager none when the container image has the code"
+            )
 
 
 def _continued_preset(args: argparse.Namespace) -> str:
@@ -268,7 +271,7 @@ def _compare(args: argparse.Namespace) -> int:
         "data_dir": data_dir,
         "train_steps": args.steps,
         "tensor": args.tp,
-        **_corpus_tokens(data_dir),
+        **corpus_tokens(data_dir),
     }
     executor = local_executor(args.nproc, gpu=False if args.device == "cpu" else None)
     if args.dryrun:

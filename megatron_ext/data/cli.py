@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from megatron_ext.data.errors import DataError
+from megatron_ext.data.readers import resolve_inputs
 
 __all__ = ["build_parser", "main"]
 
@@ -55,10 +57,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_output_location(path: str | Path, what: str) -> None:
+    """Raise DataError unless `path` can be created: its nearest existing parent is a writable
+    folder (checked before any slow import or work)."""
+    parent = Path(path).expanduser().absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise DataError(f"{what} {str(path)!r} cannot be written: {parent} is not a writable folder")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The checks that need no tokenizer or dataset library: the inputs exist and have a known
+    format, a local tokenizer exists, and the output can be written.
+
+    Raises:
+        DataError: naming the argument and the path.
+    """
+    resolve_inputs(args.input)
+    tok = args.tokenizer
+    if tok is not None and not Path(tok).expanduser().exists():
+        parts = tok.split("/")
+        hub_like = len(parts) == 2 and all(parts) and not tok.startswith((".", "~"))
+        if not hub_like:
+            raise DataError(f"--tokenizer {tok!r} does not exist (a folder, a tokenizer.json file "
+                            "or a hub name owner/name)")
+    check_output_location(args.output_prefix, "--output-prefix")
+    if args.train_tokenizer is not None:
+        check_output_location(Path(args.train_tokenizer) / "tokenizer.json", "--train-tokenizer")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 with a one-line message on bad input)."""
     args = build_parser().parse_args(argv)
-    from megatron_ext.data.preprocess import preprocess  # slow imports after argument parsing
+    try:
+        check_args(args)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from megatron_ext.data.preprocess import preprocess  # slow imports after the checks
     from megatron_ext.data.tokenizer import train_bpe_tokenizer
 
     try:

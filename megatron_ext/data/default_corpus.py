@@ -41,6 +41,7 @@ __all__ = [
     "MANIFEST_NAME",
     "build_default_corpus",
     "collect_default_documents",
+    "corpus_tokens",
     "inputs_sha256",
     "main",
 ]
@@ -259,6 +260,16 @@ def _read_manifest(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def corpus_tokens(corpus_dir: str | os.PathLike[str]) -> dict[str, int]:
+    """{'vocab_size': ..., 'eod_id': ...} of a built default corpus (its manifest), or {} when
+    the folder holds none; standard library only, for command lines checking their arguments."""
+    manifest = _read_manifest(Path(corpus_dir) / MANIFEST_NAME)
+    try:
+        return {"vocab_size": int(manifest["vocab_size"]), "eod_id": int(manifest["eod_id"])}
+    except (TypeError, KeyError, ValueError):
+        return {}
+
+
 def _corpus(out_dir: Path, manifest: dict[str, Any], reused: bool, seconds: float) -> DefaultCorpus:
     paths = manifest["paths"]
     return DefaultCorpus(
@@ -423,7 +434,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from megatron_ext.data.cli import check_output_location
+
     try:
+        check_output_location(Path(args.out) / MANIFEST_NAME, "--out")
         config = DefaultCorpusConfig(
             vocab_size=args.vocab_size,
             max_source_bytes=args.max_source_bytes,
@@ -434,7 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         corpus = build_default_corpus(
             args.out, config, force=args.force, progress=not args.quiet
         )
-    except (DataError, ValueError) as err:
+    except (DataError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     m = corpus.manifest

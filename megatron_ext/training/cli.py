@@ -210,12 +210,13 @@ def _corpus_defaults(values: dict[str, Any], announce: bool) -> None:
     paths = data.get("paths") if isinstance(data, dict) else None
     if not paths:
         return
-    manifest = Path(paths[0]).parent / "manifest.json"
-    try:
-        found = json.loads(manifest.read_text())
-        vocab, eod = int(found["vocab_size"]), int(found["eod_id"])
-    except (OSError, ValueError, KeyError, TypeError):
+    from megatron_ext.data.default_corpus import MANIFEST_NAME, corpus_tokens
+
+    folder = Path(paths[0]).parent
+    found = corpus_tokens(folder)
+    if not found:
         return
+    vocab, eod, manifest = found["vocab_size"], found["eod_id"], folder / MANIFEST_NAME
     model = values.get("model")
     if isinstance(model, str):
         model = values["model"] = {"preset": model}

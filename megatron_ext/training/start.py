@@ -111,10 +111,10 @@ def _load_plan(config: TrainConfig) -> StartPlan:
     if root is None:
         return StartPlan(kind="scratch", message="starting from scratch")
     path = Path(root)
-    if not path.exists():
-        if _same(root, ckpt.save_dir) and ckpt.load_step is None:
+    if not path.exists():  # load_dir is save_dir (a missing other load_dir was refused before)
+        if ckpt.load_step is None:
             return StartPlan(kind="scratch", message="starting from scratch")
-        raise ConfigError(missing_root_message("checkpoint.load_dir", root))
+        raise ConfigError(f"checkpoint.load_step={ckpt.load_step}: {root} does not exist")
     if ckpt.load_step is not None:
         step = ckpt.load_step
         if not checkpoint_dir(path, step).is_dir():
@@ -159,6 +159,13 @@ def plan_start(config: TrainConfig) -> StartPlan:
         CheckpointError: save_dir's or load_dir's `latest` file is unreadable.
     """
     ckpt = config.checkpoint
+    if (
+        ckpt.load_dir
+        and not Path(ckpt.load_dir).exists()
+        and not _same(ckpt.load_dir, ckpt.save_dir)
+    ):
+        # Even when save_dir's checkpoints make it unused now: the next fresh start needs it.
+        raise ConfigError(missing_root_message("checkpoint.load_dir", ckpt.load_dir))
     save_steps = checkpoint_steps(ckpt.save_dir) if ckpt.save_dir else []
     saved_latest = latest_step(ckpt.save_dir) if ckpt.save_dir else None
     if saved_latest is not None and not ckpt.overwrite and ckpt.load_step is None:
@@ -281,4 +288,3 @@ def apply_start_plan(plan: StartPlan, config: TrainConfig) -> None:
         tmp = Path(log_dir) / f".{RUN_CONFIG}.tmp"
         tmp.write_text(json.dumps(config_to_dict(config), indent=2, default=str) + "\n")
         tmp.replace(Path(log_dir) / RUN_CONFIG)
-

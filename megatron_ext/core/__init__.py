@@ -15,5 +15,8 @@ _EXPORTS = {
     "install_cpu_compat": "cpu_compat",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "cpu_compat_active",
+    "install_cpu_compat",
+]
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

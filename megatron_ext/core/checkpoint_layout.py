@@ -19,10 +19,10 @@ __all__ = [
     "CheckpointError",
     "checkpoint_dir",
     "checkpoint_steps",
+    "fsync_dir",
     "latest_step",
     "missing_root_message",
     "nearest_checkpoint_roots",
-    "fsync_dir",
     "step_folders",
     "write_latest",
 ]

@@ -46,8 +46,13 @@ _EXPECTED_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
 )
 # ... expected only on a machine without a GPU.
 _CPU_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
-    ("When using sequence parallelism it is recommended to set the environment variable "
-     "CUDA_DEVICE_MAX_CONNECTIONS", UserWarning),
+    (
+        (
+            "When using sequence parallelism it is recommended to set the environment variable "
+            "CUDA_DEVICE_MAX_CONNECTIONS"
+        ),
+        UserWarning,
+    ),
 )
 # ... expected where the exporter reads a checkpoint in a single process.
 _SINGLE_PROCESS_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (

@@ -38,8 +38,8 @@ from megatron_ext.data.errors import DataError
 
 __all__ = [
     "IndexedDataSummary",
-    "check_indexed_dataset",
     "check_files_exist",
+    "check_indexed_dataset",
     "check_indexed_datasets",
 ]
 

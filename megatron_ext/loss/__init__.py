@@ -22,5 +22,11 @@ _EXPORTS = {
     "vocab_parallel_shaped_cross_entropy": "vocab_parallel",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "PRESETS",
+    "RewardShapingConfig",
+    "ShapedLossStats",
+    "reference_shaped_cross_entropy",
+    "vocab_parallel_shaped_cross_entropy",
+]
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

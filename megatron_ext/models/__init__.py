@@ -47,5 +47,19 @@ _EXPORTS = {
     "to_transformer_config": "gpt",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "IGNORE_INDEX",
+    "MODEL_PRESETS",
+    "QWEN3_VOCAB_SIZE",
+    "ModelConfig",
+    "RMSNorm",
+    "ShapedLossGPTModel",
+    "TransformerEngineUnavailableError",
+    "build_model",
+    "decoder_block_spec",
+    "have_transformer_engine",
+    "layer_spec",
+    "model_preset",
+    "to_transformer_config",
+]
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -42,5 +42,20 @@ _EXPORTS = {
     "trainer_session": "trainer",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "CheckpointConfig",
+    "ConfigError",
+    "DataConfig",
+    "LoggingConfig",
+    "OptimizerConfig",
+    "ParallelConfig",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+    "pretrain",
+    "trainer_session",
+]
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

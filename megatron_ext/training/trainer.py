@@ -44,9 +44,9 @@ from megatron.core.utils import unwrap_model
 
 from megatron_ext.core import install_cpu_compat
 from megatron_ext.core.parallel import destroy_new_process_groups, process_groups
+from megatron_ext.core.quiet import transformer_engine_notice
 from megatron_ext.loss import ShapedLossStats
 from megatron_ext.models import IGNORE_INDEX, build_model, to_transformer_config
-from megatron_ext.core.quiet import transformer_engine_notice
 from megatron_ext.training.checkpoint import (
     CheckpointError,
     checkpoint_dir,

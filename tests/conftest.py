@@ -38,6 +38,17 @@ def pytest_collection_finish(session):
     }
 
 
+_POOL_FIXTURES = {"pool2", "pool4"}
+
+
+def pytest_runtest_setup(item):
+    """Stop the shared gloo ranks before a test that does not use them (they start again, lazily,
+    for the next test that does). Idle, they are not free: each holds a few hundred gloo threads
+    and took 15-21% of a core, which the multi-process tests of a 2-core machine need."""
+    if not _POOL_FIXTURES & set(getattr(item, "fixturenames", ())):
+        shutdown_pools()
+
+
 def pytest_runtest_logreport(report):
     if report.nodeid in _reliability["collected"]:
         if report.when == "call" and report.passed:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
-__all__ = ["WorkerPool", "get_pool", "shutdown_pools", "free_port"]
+__all__ = ["WorkerPool", "free_port", "get_pool", "shutdown_pools"]
 
 _DEFAULT_TIMEOUT_S = 300.0
 
@@ -163,9 +163,9 @@ def get_pool(world_size: int) -> WorkerPool:
 
 
 def shutdown_pools() -> None:
+    """Stop the workers of every shared pool; a pool starts again on its next `run`."""
     for pool in _POOLS.values():
         pool.shutdown()
-    _POOLS.clear()
 
 
 atexit.register(shutdown_pools)

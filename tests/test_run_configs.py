@@ -87,7 +87,8 @@ def test_paper_recipes_build_and_validate_at_their_layout(model, stage):
     world = layout.nodes * layout.gpus_per_node
 
     # the trainer's own validation: heads, kv groups, FFN, vocabulary, layers, experts, batch
-    derived = check_world(cfg, world)
+    # (not of this machine: the recipes' /results and /data are the cluster's)
+    derived = check_world(cfg, world, check_environment=False)
     assert derived.world_size == world
     assert derived.tensor * derived.pipeline * derived.data == world
     assert (derived.tensor, derived.pipeline, derived.expert) == (
@@ -115,7 +116,7 @@ def test_paper_recipes_build_and_validate_at_their_layout(model, stage):
         assert (m.seq_length, m.rope_base, cfg.global_batch_size) == (4096, 1e4, 4096)
         assert cfg.train_steps == 29_802  # 500B tokens / 16M
         assert (opt.warmup_steps, opt.wsd_decay_steps) == (2000, 0)  # stable after warmup
-        assert cfg.checkpoint.load_dir == cfg.checkpoint.save_dir  # resumes when requeued
+        assert cfg.checkpoint.load_dir is None  # a requeued job resumes from save_dir
         assert cfg.checkpoint.save_dir == f"/results/{model}-precision/checkpoints"
     else:
         assert (m.seq_length, m.rope_base, cfg.global_batch_size) == (16_384, 1e6, 1024)
@@ -348,6 +349,8 @@ def test_cli_dryrun_prints_the_resolved_run(tmp_path, capsys):
         "tail_suppression",
         "--executor",
         "slurm",
+        "--data",
+        "/data/pretrain_text_document",
         "--account",
         "acct",
         "--nodes",
@@ -386,6 +389,89 @@ def test_cli_dryrun_prints_the_resolved_run(tmp_path, capsys):
     assert (
         "parallel.tensor=3 does not divide model.num_attention_heads=8" in capsys.readouterr().err
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["pretrain", "--recipe", "dense_4b", "--executor", "slurm", "--account", "a"],
+            "--recipe dense_4b needs --data PREFIX",
+        ),
+        (
+            ["midtrain", "--recipe", "tiny", "--load", "{tmp}/runs/tinyy"],
+            "--load={tmp}/runs/tinyy does not exist; nearest checkpoint folders: {tmp}/runs/tiny",
+        ),
+        (["midtrain", "--recipe", "tiny"], "midtrain --recipe tiny needs --load"),
+        (
+            ["pretrain", "--recipe", "tiny", "--load", "x"],
+            "--load is for midtrain; a pretrain run resumes from its own checkpoint folder",
+        ),
+        (
+            ["compare", "--out", "{tmp}/cmp"],
+            "--out {tmp}/cmp holds an earlier comparison (ce, report.md); pass --overwrite",
+        ),
+    ],
+    ids=["paper-needs-data", "load-typo", "tiny-midtrain-needs-load", "pretrain-load", "compare"],
+)
+def test_launcher_refuses_before_importing_nemo_run(tmp_path, argv, message):
+    """Each mistake is one `error:` line, exit status 2, before NeMo-Run or torch is imported
+    (they take 10-25 s); an earlier comparison is never mixed with a new one."""
+    (tmp_path / "runs" / "tiny").mkdir(parents=True)
+    (tmp_path / "runs" / "tiny" / "latest").write_text("3\n")
+    (tmp_path / "cmp" / "ce").mkdir(parents=True)
+    (tmp_path / "cmp" / "report.md").write_text("old")
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "run_configs", *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == 2 and len(errors) == 1, out.stderr[-2000:]
+    assert message.format(tmp=tmp_path) in errors[0]
+    imported = {line.split("|")[-1].strip() for line in out.stderr.splitlines() if "|" in line}
+    assert not {"torch", "nemo_run", "megatron.core"} & imported
+
+
+def test_midtrain_takes_the_preset_of_the_checkpoint_it_continues(tmp_path, monkeypatch):
+    """Before, midtrain without --preset switched a precision-trained model to ce silently."""
+    import argparse
+
+    from run_configs import cli
+
+    monkeypatch.setattr(
+        "megatron_ext.export.from_training.training_run_config",
+        lambda path: {"shaping": {"beta": -0.25, "lambda_head": 0.0, "lambda_tail": 0.0,
+                                  "top_k": 100}},
+    )  # fmt: skip
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "latest").write_text("7\n")
+    args = argparse.Namespace(load=str(tmp_path / "ckpt"))
+    assert cli._continued_preset(args) == "precision"
+    with pytest.raises(ValueError, match="midtrain needs --preset"):
+        cli._continued_preset(argparse.Namespace(load="/results/elsewhere/checkpoints"))
+
+
+def test_slurm_launch_warns_about_uncommitted_changes(tmp_path, monkeypatch, capsys):
+    from run_configs import cli
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run(
+        ["git", "-C", str(tmp_path), "-c", "user.email=a@b", "-c", "user.name=a", "commit",
+         "-q", "--allow-empty", "-m", "x"],
+        check=True,
+    )  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    cli._warn_uncommitted()
+    assert capsys.readouterr().err == ""
+    (tmp_path / "new.py").write_text("")
+    cli._warn_uncommitted()
+    err = capsys.readouterr().err
+    assert "1 uncommitted change(s) (new.py)" in err and "--packager none" in err
 
 
 # -- real runs on CPU (torchrun through NeMo-Run's local executor) --------------------------------

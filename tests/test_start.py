@@ -94,9 +94,14 @@ def test_save_dir_wins_over_load_dir_once_it_has_checkpoints(tmp_path):
 
 @pytest.mark.parametrize(
     ("typo", "nearest"),
-    [("runs/tinyy", "runs/tiny"), ("outputs/main/train/checkpoint", "outputs/main/train/checkpoints")],
+    [
+        ("runs/tinyy", "runs/tiny"),
+        ("outputs/main/train/checkpoint", "outputs/main/train/checkpoints"),
+    ],
 )
-def test_missing_load_dir_is_an_error_naming_the_nearest_checkpoint(tmp_path, monkeypatch, typo, nearest):
+def test_missing_load_dir_is_an_error_naming_the_nearest_checkpoint(
+    tmp_path, monkeypatch, typo, nearest
+):
     """Before: 'starting from scratch' and exit 0."""
     monkeypatch.chdir(tmp_path)
     _run_dir(tmp_path / "real", (5,))
@@ -170,7 +175,9 @@ def test_metrics_of_another_run_are_not_mixed(tmp_path):
 
 def test_load_step_that_does_not_exist(tmp_path):
     root = _run_dir(tmp_path, (4,))
-    with pytest.raises(ConfigError, match=r"load_step=3: .*iter_0000003 does not exist.*iter_0000004"):
+    with pytest.raises(
+        ConfigError, match=r"load_step=3: .*iter_0000003 does not exist.*iter_0000004"
+    ):
         plan_start(_config(tmp_path / "new", load_dir=str(root / "ckpt"), load_step=3))
 
 
@@ -183,6 +190,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         timeout=120,
+        check=False,
     )
 
 
@@ -196,8 +204,10 @@ def test_command_line_refuses_before_importing_torch(tmp_path):
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert out.returncode == 1, out.stderr[-2000:]
     assert errors == [
-        "error: checkpoint.load_dir=runs/tinyy does not exist; no checkpoint folder (one with a "
-        "'latest' file) was found near it [flag: --load]"
+        (
+            "error: checkpoint.load_dir=runs/tinyy does not exist; no checkpoint folder (one "
+            "with a 'latest' file) was found near it [flag: --load]"
+        )
     ]
     imported = {line.split("|")[-1].strip() for line in out.stderr.splitlines() if "|" in line}
     assert "torch" not in imported and "megatron.core" not in imported

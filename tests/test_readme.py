@@ -1,0 +1,206 @@
+"""The README's documented commands, run as written, in the README's order, in a fresh folder.
+
+Every line of the README's ```bash blocks is a command this test knows (COMMANDS): it either runs
+it exactly as written (in a folder that has only the repository's .venv, tools/ and run_configs/,
+as a fresh clone has after setup) and checks what it must produce, or names the test that runs it
+(the quick start's `make test` is this suite; `make demo` and the benchmarks run on small settings
+in tests/test_run_configs.py and tests/test_benchmarks.py). A README command that this test does
+not know fails it, so that no documented command goes untried.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import stat
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+WARNING = re.compile(r"\b(UserWarning|FutureWarning|DeprecationWarning)\b|^Traceback", re.MULTILINE)
+
+
+def readme_commands(text: str) -> list[str]:
+    """The command lines of the ```bash blocks: continuations joined, comments dropped."""
+    commands: list[str] = []
+    for block in re.findall(r"^\s*```bash\n(.*?)^\s*```", text, flags=re.MULTILINE | re.DOTALL):
+        pending = ""
+        for raw in block.splitlines():
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            line = re.sub(r"\s+#\s.*$", "", line)  # a trailing comment
+            if line.endswith("\\"):
+                pending += line[:-1].strip() + " "
+                continue
+            commands.append(" ".join((pending + line).split()))
+            pending = ""
+    return commands
+
+
+@dataclass(frozen=True)
+class Command:
+    """What the test does with one README command."""
+
+    expect: tuple[str, ...] = ()
+    """Text its output must hold (it is run, and must exit with 0)."""
+    covered_by: str | None = None
+    """Instead of running it here: the test file that runs it (on small settings)."""
+    files: tuple[str, ...] = field(default=())
+    """Files it must leave in the folder."""
+
+
+T = ".venv/bin/python -m megatron_ext.training --nproc-per-node 2 --model tiny --shaping precision "
+T += "--tp 2 --data-path data/default/train_text_document --train-steps {} --save runs/tiny "
+T += "--log-dir runs/tiny/logs"
+RC = ".venv/bin/python -m run_configs"
+
+COMMANDS: dict[str, Command] = {
+    "make demo": Command(covered_by="tests/test_run_configs.py"),  # main_job at small settings
+    "make test": Command(covered_by="tests"),  # this suite
+    ".venv/bin/python tools/bench_loss.py": Command(covered_by="tests/test_benchmarks.py"),
+    ".venv/bin/python -m megatron_ext.data.default_corpus --out data/default": Command(
+        files=("data/default/manifest.json", "data/default/train_text_document.bin")
+    ),
+    ".venv/bin/python tools/preprocess_data.py --input corpus/*.jsonl --output-prefix "
+    "data/mycorpus --tokenizer data/default/tokenizer --workers 2": Command(
+        files=("data/mycorpus.bin", "data/mycorpus.idx")
+    ),
+    T.format(20): Command(
+        expect=(
+            "model.vocab_size=8192 and data.eod_id=0 from data/default/manifest.json",
+            "starting from scratch",
+            "finished at step 20 of 20; checkpoint runs/tiny/iter_0000020",
+        ),
+    ),
+    T.format(30): Command(
+        expect=(
+            "resuming from runs/tiny at step 20",
+            "finished at step 30 of 30; checkpoint runs/tiny/iter_0000030",
+        )
+    ),
+    ".venv/bin/python tools/export_hf.py --checkpoint runs/tiny --out hf/tiny --tokenizer "
+    "data/default/tokenizer": Command(
+        expect=("exported to",), files=("hf/tiny/config.json", "hf/tiny/tokenizer.json")
+    ),
+    f"{RC} recipes": Command(expect=("loss presets: ce, precision",)),
+    f"{RC} pretrain --recipe tiny --preset precision --data-dir data/default --nproc 2 tp=2 "
+    "steps=10": Command(
+        expect=("SUCCEEDED", "outputs: checkpoints"),
+        files=("outputs/tiny-precision/checkpoints/iter_0000010",),
+    ),
+    f"{RC} midtrain --recipe tiny --load outputs/tiny-precision/checkpoints --data-dir "
+    "data/default --nproc 2 tp=2 steps=4": Command(
+        expect=("loss preset 'precision': the one", "SUCCEEDED"),
+        files=("outputs/tiny-precision-midtrain/checkpoints/iter_0000004",),
+    ),
+    f"{RC} pretrain --recipe dense_4b --preset precision --executor slurm --data "
+    "/data/pretrain_text_document --account ACCOUNT --partition PART --container-image IMAGE "
+    "--mount /lustre/data:/data --mount /lustre/results:/results --nodes 16 --dryrun": Command(
+        expect=("#SBATCH --nodes=16", "dry run: nothing was launched"),
+    ),
+    f"{RC} compare --data-dir data/default --out outputs/compare --presets ce precision "
+    "--steps 10": Command(expect=("report:",), files=("outputs/compare/report.md",)),
+}
+
+
+def test_every_readme_command_is_known():
+    """A command added to the README must be added here too (run, or covered elsewhere)."""
+    commands = readme_commands(README.read_text())
+    unknown = [c for c in commands if c not in COMMANDS]
+    assert not unknown, f"README commands this test does not run: {unknown}"
+    missing = [c for c in COMMANDS if c not in commands]
+    assert not missing, f"commands no longer in the README: {missing}"
+    for command, spec in COMMANDS.items():
+        if spec.covered_by:
+            target = ROOT / spec.covered_by
+            assert target.exists(), (command, spec.covered_by)
+    # `make demo` is the main job, which tests/test_run_configs.py runs at small settings.
+    dry = subprocess.run(
+        ["make", "-n", "demo"], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert ".venv/bin/python -m run_configs.main_job --out outputs/main" in dry.stdout
+    assert "run_main_job(" in (ROOT / "tests" / "test_run_configs.py").read_text()
+    assert "bench_loss.py" in (ROOT / "tests" / "test_benchmarks.py").read_text()
+
+
+def _fresh_folder(tmp: Path) -> Path:
+    """A folder like a fresh clone after `make setup`: the venv, tools/ and run_configs/, in a git
+    repository of its own (the Slurm launcher ships the checkout's committed HEAD)."""
+    work = tmp / "clone"
+    work.mkdir()
+    for name in (".venv", "tools", "run_configs"):
+        (work / name).symlink_to(ROOT / name)
+    corpus = work / "corpus"
+    corpus.mkdir()
+    lines = (ROOT / "megatron_ext" / "training" / "config.py").read_text().splitlines()
+    with open(corpus / "part1.jsonl", "w") as f:
+        f.writelines(
+            json.dumps({"text": "\n".join(lines[i : i + 4])}) + "\n"
+            for i in range(0, len(lines) - 4, 4)
+        )
+    return work
+
+
+@pytest.mark.slow
+def test_readme_commands_work_as_written(tmp_path):
+    work = _fresh_folder(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["NEMORUN_HOME"] = str(tmp_path / "nemo_run")  # keep the user's ~/.nemo_run out of it
+    env.pop("PYTHONPATH", None)
+    for command in readme_commands(README.read_text()):
+        spec = COMMANDS[command]
+        if spec.covered_by:
+            continue
+        out = subprocess.run(
+            command,
+            shell=True,
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        text = out.stdout + out.stderr
+        assert out.returncode == 0, f"{command}\n{text[-4000:]}"
+        for expected in spec.expect:
+            assert expected in text, f"{command}: {expected!r} not in\n{text[-4000:]}"
+        for name in spec.files:
+            assert (work / name).exists(), f"{command}: {name} missing"
+        noise = WARNING.findall(text)
+        assert not noise, f"{command} printed warnings or a traceback:\n{text[-4000:]}"
+    # The relaunch resumed: one record per step, 1..30, and `latest` moved forward only.
+    steps = [json.loads(x)["step"] for x in (work / "runs/tiny/logs/metrics.jsonl").open()]
+    assert steps == list(range(1, 31))
+    assert (work / "runs/tiny/latest").read_text().strip() == "30"
+    # The export is readable by everyone the umask allows (0644 under the usual 022).
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (work / "hf/tiny").iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
+    # A second export into the same folder is one error line naming the flag.
+    again = subprocess.run(
+        shlex.split(
+            ".venv/bin/python tools/export_hf.py --checkpoint runs/tiny --out hf/tiny "
+            "--tokenizer data/default/tokenizer"
+        ),
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert again.returncode == 1 and "--overwrite" in again.stderr
+    assert "Traceback" not in again.stderr
+
+
+if __name__ == "__main__":
+    print("\n".join(readme_commands(README.read_text())), file=sys.stdout)

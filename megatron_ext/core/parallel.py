@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import torch.distributed as dist
 
-__all__ = ["model_parallel", "process_groups", "destroy_new_process_groups"]
+__all__ = ["destroy_new_process_groups", "model_parallel", "process_groups"]
 
 
 def process_groups() -> set:

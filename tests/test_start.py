@@ -9,6 +9,7 @@ from the folders alone, as the command line does before importing torch.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -139,8 +140,15 @@ def test_new_run_in_an_old_runs_folders_needs_overwrite(tmp_path):
     plan = plan_start(config)
     assert plan.remove_steps == (4, 8) and plan.start_step == 0
     apply_start_plan(plan, config)
-    assert not (root / "ckpt" / "latest").exists() and not list((root / "ckpt").iterdir())
+    assert not (root / "ckpt" / "latest").exists()
+    assert [p.name for p in (root / "ckpt").iterdir()] == ["config.json"]  # this run's
     assert (root / "logs" / "metrics.jsonl").read_text() == ""
+    # The same command relaunched (a requeue) after its first saves resumes: --overwrite
+    # removed the earlier run once, never this run's own checkpoints.
+    checkpoint_dir(root / "ckpt", 3).mkdir()
+    (root / "ckpt" / "latest").write_text("3\n")
+    again = plan_start(config)
+    assert (again.kind, again.step, again.remove_steps) == ("resume", 3, ())
 
 
 def test_rollback_with_load_step_keeps_the_earlier_checkpoints(tmp_path):
@@ -158,11 +166,16 @@ def test_rollback_with_load_step_keeps_the_earlier_checkpoints(tmp_path):
     apply_start_plan(plan, config)
     assert latest_step(root / "ckpt") == 8
     assert sorted(p.name for p in (root / "ckpt").iterdir()) == [
+        "config.json",
         "iter_0000004",
         "iter_0000008",
         "latest",
     ]
     assert _logged_steps(root) == list(range(1, 9))
+    # Requeued with the same --load-step: resumes from its own later saves, no second rollback.
+    checkpoint_dir(root / "ckpt", 10).mkdir()
+    (root / "ckpt" / "latest").write_text("10\n")
+    assert plan_start(config).kind == "resume" and plan_start(config).step == 10
 
 
 def test_metrics_of_another_run_are_not_mixed(tmp_path):
@@ -171,6 +184,20 @@ def test_metrics_of_another_run_are_not_mixed(tmp_path):
     with pytest.raises(ConfigError, match=r"metrics.jsonl records of steps 1-5 of an earlier run"):
         plan_start(_config(root))
     assert plan_start(_config(root, overwrite=True)).trim_logs
+
+
+def test_relaunch_before_the_first_checkpoint_replaces_its_own_records(tmp_path):
+    """A run killed before its first save: the same command starts again from scratch and
+    replaces its records; another run (a different lr) is refused instead."""
+    root = _run_dir(tmp_path, ())
+    config = _config(root)
+    apply_start_plan(plan_start(config), config)  # the first launch records its config
+    _run_dir(tmp_path, (), logged=3)
+    plan = plan_start(config)
+    assert plan.kind == "scratch" and plan.trim_logs and "saved no checkpoint" in plan.message
+    other = dataclasses.replace(config, seed=7)
+    with pytest.raises(ConfigError, match="records of steps 1-3 of an earlier run"):
+        plan_start(other)
 
 
 def test_load_step_that_does_not_exist(tmp_path):

@@ -17,7 +17,9 @@ after the starting step and the log records of those steps are removed first. A 
 log records of steps after its checkpoint (they were written by the attempt that died and are
 redone exactly), so metrics.jsonl holds one record per step; so does a relaunch of a run that died
 before its first checkpoint (the same configuration, apart from its checkpoint and logging
-sections, as log_dir/config.json records).
+sections, as log_dir/config.json records). A relaunch of the very same command (save_dir's
+config.json, a Slurm requeue) resumes even when that command has overwrite or load_step: only
+its first launch removes or rolls back anything.
 
 Only the standard library is used: the command line checks a run's start before importing torch.
 """
@@ -47,8 +49,8 @@ __all__ = ["LOG_FILES", "RUN_CONFIG", "StartPlan", "apply_start_plan", "plan_sta
 LOG_FILES = ("metrics.jsonl", "samples.jsonl")
 """The per-step record files of log_dir, each line a JSON object with a 'step'."""
 RUN_CONFIG = "config.json"
-"""The run's configuration in log_dir (config_to_dict), written when it starts: a relaunch of the
-same run that died before its first checkpoint is told apart from another run by it."""
+"""The run's configuration (config_to_dict), written into save_dir and log_dir when it starts: a
+relaunch of the same command is told apart from another run by it."""
 
 _OVERWRITE = "--overwrite (checkpoint.overwrite=true)"
 
@@ -168,7 +170,12 @@ def plan_start(config: TrainConfig) -> StartPlan:
         raise ConfigError(missing_root_message("checkpoint.load_dir", ckpt.load_dir))
     save_steps = checkpoint_steps(ckpt.save_dir) if ckpt.save_dir else []
     saved_latest = latest_step(ckpt.save_dir) if ckpt.save_dir else None
-    if saved_latest is not None and not ckpt.overwrite and ckpt.load_step is None:
+    # The same command relaunched (a Slurm requeue) resumes, even one that started with
+    # overwrite or load_step: only its first launch removes or rolls back anything.
+    relaunch = _recorded(ckpt.save_dir, config, ignore=("logging",))
+    if saved_latest is not None and (
+        relaunch or not (ckpt.overwrite or ckpt.load_step is not None)
+    ):
         note = ""
         if ckpt.load_dir and not _same(ckpt.load_dir, ckpt.save_dir):
             note = f"; checkpoint.load_dir={ckpt.load_dir} is only read while save_dir is empty"
@@ -191,7 +198,7 @@ def plan_start(config: TrainConfig) -> StartPlan:
     logged = {name: steps for name, steps in logged.items() if steps}
     if not later and not logged:
         return plan
-    if not later and plan.start_step == 0 and _same_run(config):
+    if not later and plan.start_step == 0 and _recorded(config.logging.log_dir, config):
         return dataclasses.replace(
             plan,
             trim_logs=True,
@@ -224,20 +231,30 @@ def plan_start(config: TrainConfig) -> StartPlan:
     )
 
 
-def _trajectory(values: dict) -> dict:
-    """The fields of a run configuration (config_to_dict) that decide its steps."""
-    return {k: v for k, v in values.items() if k not in ("checkpoint", "logging")}
-
-
-def _same_run(config: TrainConfig) -> bool:
-    """Whether log_dir's config.json is this run's (apart from where it saves and logs)."""
-    path = Path(config.logging.log_dir or "") / RUN_CONFIG
+def _recorded(
+    folder: str | None, config: TrainConfig, ignore: tuple[str, ...] = ("checkpoint", "logging")
+) -> bool:
+    """Whether the config.json that a start wrote in `folder` (save_dir or log_dir) is this
+    run's configuration, apart from the sections in `ignore`."""
+    if not folder:
+        return False
     try:
-        logged = json.loads(path.read_text())
+        recorded = json.loads((Path(folder) / RUN_CONFIG).read_text())
     except (OSError, ValueError):
         return False
     current = json.loads(json.dumps(config_to_dict(config)))  # tuples as lists, as in the file
-    return isinstance(logged, dict) and _trajectory(logged) == _trajectory(current)
+    if not isinstance(recorded, dict):
+        return False
+    return all(recorded.get(k) == v for k, v in current.items() if k not in ignore) and set(
+        recorded
+    ) == set(current)
+
+
+def _write_run_config(folder: str, config: TrainConfig) -> None:
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    tmp = Path(folder) / f".{RUN_CONFIG}.tmp"
+    tmp.write_text(json.dumps(config_to_dict(config), indent=2, default=str) + "\n")
+    tmp.replace(Path(folder) / RUN_CONFIG)
 
 
 def _trim_records(path: Path, last_step: int) -> int:
@@ -283,8 +300,6 @@ def apply_start_plan(plan: StartPlan, config: TrainConfig) -> None:
             path = Path(log_dir) / name
             if path.is_file():
                 _trim_records(path, plan.start_step)
-    if log_dir:
-        Path(log_dir).mkdir(parents=True, exist_ok=True)
-        tmp = Path(log_dir) / f".{RUN_CONFIG}.tmp"
-        tmp.write_text(json.dumps(config_to_dict(config), indent=2, default=str) + "\n")
-        tmp.replace(Path(log_dir) / RUN_CONFIG)
+    for folder in (save_dir, log_dir):
+        if folder:
+            _write_run_config(folder, config)

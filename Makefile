@@ -17,13 +17,14 @@ reliability-report: setup
 	RELIABILITY_REPORT=docs/reliability.md .venv/bin/python -m pytest -q tests/test_reliability.py \
 		tests/test_data_validation.py tests/test_config_errors.py
 
-# The five loss presets side by side on a byte-level bigram model (seconds).
+# The five loss presets side by side on a byte-level bigram model (10-30 s; first run compiles kernels).
 loss-demo: setup
 	.venv/bin/python -m megatron_ext.demo
 
-# The five presets side by side on the tiny recipe, with a table and a plot (needs `make demo`).
+# The five presets side by side on the tiny recipe, with a table and a plot (needs `make demo`;
+# replaces an earlier outputs/compare).
 compare: setup
-	.venv/bin/python -m run_configs compare --data-dir outputs/main/corpus --out outputs/compare
+	.venv/bin/python -m run_configs compare --data-dir outputs/main/corpus --out outputs/compare --overwrite
 
 bench: setup
 	.venv/bin/python tools/bench_loss.py

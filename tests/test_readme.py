@@ -11,6 +11,7 @@ not know fails it, so that no documented command goes untried.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shlex
@@ -146,6 +147,10 @@ def _fresh_folder(tmp: Path) -> Path:
             json.dumps({"text": "\n".join(lines[i : i + 4])}) + "\n"
             for i in range(0, len(lines) - 4, 4)
         )
+    git = ["git", "-c", "user.email=readme@test", "-c", "user.name=readme"]
+    subprocess.run([*git, "init", "-q"], cwd=work, check=True)
+    subprocess.run([*git, "add", "."], cwd=work, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "fresh clone"], cwd=work, check=True)
     return work
 
 
@@ -200,6 +205,30 @@ def test_readme_commands_work_as_written(tmp_path):
     )
     assert again.returncode == 1 and "--overwrite" in again.stderr
     assert "Traceback" not in again.stderr
+    _check_comparison(work / "outputs" / "compare", steps=10)
+
+
+def _check_comparison(out: Path, steps: int) -> None:
+    """The README's compare: one report row per preset, a plot, summaries, and runs that differ
+    by their loss only (same data and seed: the same first-step CE)."""
+    table = (out / "report.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    assert [r.split("|")[1].strip() for r in rows] == ["`ce`", "`precision`"]
+    assert [r.split("|")[2].strip() for r in rows] == ["0", "-0.25"]
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summaries = json.loads((out / "report.json").read_text())
+    assert [s["steps"] for s in summaries] == [steps, steps]
+    vocab = 8192  # data/default's
+    for s in summaries:
+        assert 1.0 < s["val"]["ppl"] < 2 * vocab
+        assert 0.0 < s["train"]["entropy"] <= math.log(vocab) + 1e-3
+    ce, precision = (
+        [json.loads(x) for x in (out / p / "logs/metrics.jsonl").read_text().splitlines()]
+        for p in ("ce", "precision")
+    )
+    assert ce[0]["ce_loss"] == pytest.approx(precision[0]["ce_loss"], rel=1e-5)
+    assert ce[0]["loss"] == pytest.approx(ce[0]["ce_loss"], rel=1e-6)
+    assert precision[0]["loss"] != pytest.approx(precision[0]["ce_loss"], rel=1e-3)
 
 
 if __name__ == "__main__":

@@ -526,42 +526,6 @@ def test_main_job_trains_at_tp2_through_nemo_run_and_exports(tmp_path, small_cor
     assert states.is_dir() and states.parent.name == "main_job"
 
 
-@pytest.mark.slow
-def test_preset_experiment_runs_sequentially_and_reports(tmp_path, small_corpus):
-    from run_configs.experiments import compare_presets
-
-    out = tmp_path / "compare"
-    result = compare_presets(
-        out_dir=out,
-        executor=local_executor(1, gpu=False),
-        presets=["ce", "precision"],
-        data_dir=small_corpus.out_dir,
-        vocab_size=CORPUS_VOCAB,
-        train_steps=3,
-        eval_interval=3,
-        eval_iters=1,
-    )
-    assert result.states == {"ce": "SUCCEEDED", "precision": "SUCCEEDED"}
-    table = (out / "report.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| `")]
-    assert [r.split("|")[1].strip() for r in rows] == ["`ce`", "`precision`"]
-    assert [r.split("|")[2].strip() for r in rows] == ["0", "-0.25"]
-    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    summaries = json.loads((out / "report.json").read_text())
-    assert [s["steps"] for s in summaries] == [3, 3]
-    for s in summaries:
-        assert s["val_step"] == 3 and 1.0 < s["val"]["ppl"] < 2 * CORPUS_VOCAB
-        assert 0.0 < s["train"]["entropy"] <= math.log(CORPUS_VOCAB) + 1e-3
-    # same data and seed: the first step's CE is the same, the losses differ by the preset
-    ce, precision = (
-        [json.loads(x) for x in (out / p / "logs/metrics.jsonl").read_text().splitlines()]
-        for p in ("ce", "precision")
-    )
-    assert ce[0]["ce_loss"] == pytest.approx(precision[0]["ce_loss"], rel=1e-5)
-    assert ce[0]["loss"] == pytest.approx(ce[0]["ce_loss"], rel=1e-6)
-    assert precision[0]["loss"] != pytest.approx(precision[0]["ce_loss"], rel=1e-3)
-
-
 def test_report_from_metrics_files(tmp_path):
     from run_configs.report import write_report
 

@@ -23,11 +23,21 @@ The top-(kk + 1) search shows which rows have such twins; in those rows alone, w
 rewards differ, the forward sets the sign bit of exp(z - m_r) on every logit >= the kk-th value.
 In every other row the set members are among the gathered top-kk indices. So the backward needs
 neither the logits nor a mask.
+
+Where each step runs: on CUDA tensors the three steps are Triton kernels (_triton_kernels.py:
+the forward reads each row from memory about once and makes no host synchronisation, nor does
+the merge or the one-pass backward) whenever triton imports; on CPU with fp32 logits the numba
+kernels (_cpu_kernels.py); elsewhere the torch ops below. `TRITON_ON_CPU` (from the environment
+variable MEGATRON_EXT_LOSS_TRITON=1, read once; tests set it) sends CPU tensors through the Triton
+kernels too, which needs TRITON_INTERPRET=1 before triton is imported: the tests check the code
+the GPU runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 
 import torch
 
@@ -44,6 +54,8 @@ __all__ = [
     "merge_statistics",
     "shard_gradient_",
     "STAT_COLUMNS",
+    "TRITON_ON_CPU",
+    "triton_kernels",
 ]
 
 # Columns after the kk top values in a shard's statistics block.
@@ -56,6 +68,9 @@ _S, _T, _ZX, _OWN, _CNT, _VP = range(len(STAT_COLUMNS))
 _CHUNK_DIVISOR = 16
 _CHUNK_ELEMENTS_CPU = (1 << 18, 1 << 23)
 _CHUNK_ELEMENTS_GPU = 1 << 25
+
+TRITON_ON_CPU: bool = os.environ.get("MEGATRON_EXT_LOSS_TRITON", "") == "1"
+"""Run the Triton kernels on CPU tensors too (needs TRITON_INTERPRET=1; for tests)."""
 
 # A kernel argument for "no rows" (no top-k indices to save, no marked rows).
 _NO_ROWS_LONG = torch.empty(0, 0, dtype=torch.long)
@@ -115,6 +130,34 @@ def plan_shard(
     )
 
 
+@functools.cache
+def triton_kernels():
+    """The module of Triton kernels (megatron_ext.loss._triton_kernels), or None when triton does
+    not import."""
+    try:
+        from megatron_ext.loss import _triton_kernels
+    except ImportError:
+        return None
+    return _triton_kernels
+
+
+def _triton_path(*tensors: torch.Tensor):
+    """The Triton kernels when every tensor is on CUDA (or on CPU with TRITON_ON_CPU) and
+    contiguous, else None."""
+    device = tensors[0].device.type
+    if device != "cuda" and not (TRITON_ON_CPU and device == "cpu"):
+        return None
+    if not all(t.is_contiguous() for t in tensors):
+        return None
+    kernels = triton_kernels()
+    if kernels is not None and device == "cpu" and not kernels.INTERPRETED:
+        raise RuntimeError(
+            "the loss's Triton kernels run on CPU tensors only under Triton's interpreter: set "
+            "TRITON_INTERPRET=1 before triton is first imported (or unset MEGATRON_EXT_LOSS_TRITON)"
+        )
+    return kernels
+
+
 def _fused_cpu_path(logits: torch.Tensor, out: torch.Tensor) -> bool:
     """Whether the forward's inputs suit the numba kernel (when numba is there): fp32 logits and
     buffer on CPU, rows contiguous (the kernel reads and writes whole rows; out may be the
@@ -153,6 +196,23 @@ def shard_statistics(
         [N] bool of the rows whose kk-th value ties with a logit beyond the gathered ones (their
         candidates are sign-marked in `out`), else None.
     """
+    triton_ops = (
+        _triton_path(logits, out, target, valid)
+        if logits.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        else None
+    )
+    if triton_ops is not None:
+        return triton_ops.shard_statistics(
+            logits,
+            target,
+            valid,
+            vocab_start,
+            plan.kk,
+            plan.find_topk,
+            plan.mark_head,
+            plan.save_topk_indices,
+            out,
+        )
     n, vp = logits.shape
     kk = plan.kk
     block = torch.empty(n, kk + len(STAT_COLUMNS), dtype=torch.float32, device=logits.device)
@@ -250,9 +310,31 @@ class MergedStatistics:
     weight_sum: torch.Tensor  # [N] W, 0 at ignored positions
     bad_target: torch.Tensor  # [N] nonzero: a valid target owned by no rank or by several
     non_finite: torch.Tensor  # [N] nonzero: some logit of the position is NaN or infinite
-    any_bad_target: bool
-    any_non_finite: bool
-    unequal_slices: bool
+    flags: torch.Tensor
+    """[3] fp32 on the logits' device: positions with a bad target, positions with non-finite
+    logits, positions whose slices differ in width (0 or all). Reading it is a host sync."""
+
+
+def _merged_from_rows(out: torch.Tensor, names: tuple[str, ...]) -> MergedStatistics:
+    """MergedStatistics from a merge kernel's output rows [len(names), N] (names as
+    _cpu_kernels.MERGED_ROWS; the last three are the 0/1 flags)."""
+    r = dict(zip(names, out, strict=True))
+    return MergedStatistics(
+        loss=r["loss"],
+        stats=ShapedLossStats(
+            entropy=r["entropy"],
+            target_prob=r["target_prob"],
+            target_logprob=r["target_logprob"],
+            topk_mass=r["topk_mass"],
+        ),
+        shift=r["shift"],
+        tau=r["tau"],
+        w_pos=r["w_pos"],
+        weight_sum=r["weight_sum"],
+        bad_target=r["bad_target"],
+        non_finite=r["non_finite"],
+        flags=out[-3:].sum(1),  # one op for the three
+    )
 
 
 def merge_statistics(
@@ -266,7 +348,23 @@ def merge_statistics(
     (on CPU one kernel, _cpu_kernels.merge_fp32, with fp64 scalars; elsewhere the torch ops
     below)."""
     kk = plan.kk
-    kernels = cpu_kernels() if gathered.device.type == "cpu" else None
+    triton_ops = _triton_path(gathered, valid)
+    if triton_ops is not None:
+        out = triton_ops.merge_statistics(
+            gathered,
+            valid,
+            kk,
+            min(config.top_k, vocab_size),
+            plan.find_topk,
+            config.beta,
+            config.lambda_head,
+            config.lambda_tail,
+        )
+        if out is not None:
+            return _merged_from_rows(out, triton_ops.MERGED_ROWS)
+    kernels = (
+        cpu_kernels() if gathered.device.type == "cpu" and triton_ops is None else None
+    )
     if kernels is not None and gathered.dtype == torch.float32:
         n = gathered.shape[1]
         out = torch.empty(len(kernels.MERGED_ROWS), n, dtype=torch.float32)
@@ -284,26 +382,7 @@ def merge_statistics(
             config.lambda_tail,
             out.numpy(),
         )
-        r = dict(zip(kernels.MERGED_ROWS, out, strict=True))
-        flags = out[-3:].amax(1).tolist() if n else [0.0, 0.0, 0.0]  # one read for the three
-        return MergedStatistics(
-            loss=r["loss"],
-            stats=ShapedLossStats(
-                entropy=r["entropy"],
-                target_prob=r["target_prob"],
-                target_logprob=r["target_logprob"],
-                topk_mass=r["topk_mass"],
-            ),
-            shift=r["shift"],
-            tau=r["tau"],
-            w_pos=r["w_pos"],
-            weight_sum=r["weight_sum"],
-            bad_target=r["bad_target"],
-            non_finite=r["non_finite"],
-            any_bad_target=flags[0] > 0,
-            any_non_finite=flags[1] > 0,
-            unequal_slices=flags[2] > 0,
-        )
+        return _merged_from_rows(out, kernels.MERGED_ROWS)
     values = gathered[..., :kk]  # [tp, N, kk]
     col = gathered[..., kk:]  # [tp, N, 6]
     m_r = values[..., 0]  # [tp, N]
@@ -365,9 +444,9 @@ def merge_statistics(
     bad_target = valid & (owners != 1)
     non_finite = ~(torch.isfinite(m) & torch.isfinite(sum_exp) & torch.isfinite(sum_exp_shifted))
     vp_col = gathered[..., -1]
-    flags = torch.stack(  # one read for the three
-        [bad_target.any(), non_finite.any(), (vp_col != vp_col[0:1]).any()]
-    ).tolist()
+    flags = torch.stack(  # [3] on the device: the caller reads them (or not)
+        [bad_target.sum(), non_finite.sum(), (vp_col != vp_col[0:1]).any(0).sum()]
+    ).float()
     return MergedStatistics(
         loss=torch.where(valid, loss, zero),
         stats=ShapedLossStats(
@@ -382,9 +461,7 @@ def merge_statistics(
         weight_sum=torch.where(valid, weight_sum, zero),
         bad_target=bad_target,
         non_finite=non_finite,
-        any_bad_target=flags[0],
-        any_non_finite=flags[1],
-        unequal_slices=flags[2],
+        flags=flags,
     )
 
 
@@ -404,15 +481,40 @@ def shard_gradient_(
     weight_sum: torch.Tensor,
     config: RewardShapingConfig,
     plan: ShardPlan,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Turn buf [N, Vp] (exp(z - m_r), sign-marked rows) into dloss/dz of this slice, in place.
 
     block, local_top_idx and marked are shard_statistics' results for this slice; merged_shift,
     tau, target_logprob, w_pos and weight_sum [N] the merge's. grad_loss [N] is the upstream
     gradient of the per-position loss; ignored positions (valid False) get a zero gradient
-    whatever it says. On CPU one kernel (_cpu_kernels.gradient_fp32) does it row by row;
-    elsewhere the torch ops below.
+    whatever it says. On CPU one kernel (_cpu_kernels.gradient_fp32) does it row by row; on CUDA
+    one Triton kernel (_triton_kernels.shard_gradient), which writes the gradient in out_dtype
+    (e.g. the logits' bf16) in the same pass (a new tensor; over buf when fp32); elsewhere the
+    torch ops below. Every path but Triton's returns fp32 (buf) whatever out_dtype says.
     """
+    triton_ops = _triton_path(buf, block, target, valid)
+    if triton_ops is not None:
+        return triton_ops.shard_gradient(
+            buf,
+            grad_loss,
+            block,
+            local_top_idx,
+            marked,
+            target,
+            valid,
+            vocab_start,
+            merged_shift,
+            tau,
+            target_logprob,
+            w_pos,
+            weight_sum,
+            config.lambda_head,
+            config.lambda_tail,
+            plan.kk,
+            plan.save_topk_indices,
+            out_dtype or torch.float32,
+        )
     n = buf.shape[0]
     kernels = cpu_kernels() if buf.device.type == "cpu" and buf.is_contiguous() else None
     if kernels is not None:

@@ -18,7 +18,13 @@ from megatron_ext.loss.functional import (
 )
 from megatron_ext.loss.reference import ShapedLossStats
 
-__all__ = ["vocab_parallel_shaped_cross_entropy"]
+__all__ = ["INPUT_FLAGS", "vocab_parallel_shaped_cross_entropy"]
+
+INPUT_FLAGS = ("bad_target", "non_finite", "unequal_slices")
+"""What each entry of the `input_flags` accumulator counts (see
+vocab_parallel_shaped_cross_entropy): positions whose label is outside the vocabulary (and not
+ignore_index), positions with a NaN or infinite logit, positions whose ranks hold vocabulary
+slices of different sizes (all of them or none)."""
 
 # torch 2.14 renamed all_gather_into_tensor (concatenation along dim 0) to all_gather_single.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -48,15 +54,17 @@ def _non_finite_kinds(block: torch.Tensor) -> list[str]:
     return []
 
 
-def _raise_bad_input(merged, gathered, target, vocab_size, ignore_index, check_finite) -> None:
-    """Every rank sees the same merged flags, so every rank raises: no peer is left waiting."""
-    if merged.unequal_slices:
+def _raise_bad_input(merged, gathered, target, vocab_size, ignore_index, check_finite) -> bool:
+    """Every rank sees the same merged flags, so every rank raises: no peer is left waiting.
+    Reads the flags with one host synchronisation; returns whether some logit is non-finite."""
+    any_bad_target, any_non_finite, unequal_slices = (v > 0 for v in merged.flags.tolist())
+    if unequal_slices:
         sizes = [int(v) for v in gathered[:, 0, -1]]
         raise ValueError(
             f"tensor-parallel ranks hold vocabulary slices of different sizes {sizes}; every rank "
             "must hold vocab_size / tp logits (megatron-core pads the vocabulary to make this so)"
         )
-    if check_finite and merged.any_non_finite:
+    if check_finite and any_non_finite:
         affected = merged.non_finite.nonzero().squeeze(1)
         pos = int(affected[0])
         holders = [
@@ -69,13 +77,32 @@ def _raise_bad_input(merged, gathered, target, vocab_size, ignore_index, check_f
             f"{merged.non_finite.numel()} positions affected; {', '.join(holders)}); the loss "
             "needs finite logits"
         )
-    if merged.any_bad_target:
+    if any_bad_target:
         affected = merged.bad_target.nonzero().squeeze(1)
         pos = int(affected[0])
         raise ValueError(
             f"target id {int(target[pos])} at flat position {pos} is outside the vocabulary "
             f"[0, {vocab_size}) and is not ignore_index={ignore_index} "
             f"({affected.numel()} positions affected)"
+        )
+    return any_non_finite
+
+
+def _check_flags_buffer(flags: torch.Tensor, logits: torch.Tensor) -> None:
+    if (
+        not isinstance(flags, torch.Tensor)
+        or flags.shape != (len(INPUT_FLAGS),)
+        or not flags.is_floating_point()
+        or flags.device != logits.device
+    ):
+        got = (
+            f"{tuple(flags.shape)} {flags.dtype} on {flags.device}"
+            if isinstance(flags, torch.Tensor)
+            else repr(flags)
+        )
+        raise ValueError(
+            f"input_flags must be a floating-point tensor of shape ({len(INPUT_FLAGS)},) on the "
+            f"logits' device {logits.device}, got {got}"
         )
 
 
@@ -90,6 +117,7 @@ class _VocabParallelShapedCrossEntropy(torch.autograd.Function):
         ignore_index: int,
         return_stats: bool,
         check_finite: bool,
+        input_flags: torch.Tensor | None,
     ):
         if logits.shape[:-1] != target.shape:
             raise ValueError(
@@ -98,6 +126,8 @@ class _VocabParallelShapedCrossEntropy(torch.autograd.Function):
             )
         if not logits.is_floating_point():
             raise TypeError(f"logits must be a floating-point tensor, got {logits.dtype}")
+        if input_flags is not None:
+            _check_flags_buffer(input_flags, logits)
         tp = 1 if tp_group is None else dist.get_world_size(tp_group)
         rank = 0 if tp_group is None else dist.get_rank(tp_group)
         vp = logits.shape[-1]
@@ -122,13 +152,23 @@ class _VocabParallelShapedCrossEntropy(torch.autograd.Function):
 
         gathered = _all_gather_rows(block, tp_group)  # [tp, N, kk + 6]
         merged = merge_statistics(gathered, valid, config, plan, vocab_size)
-        _raise_bad_input(merged, gathered, target_1d, vocab_size, ignore_index, check_finite)
-        if not check_finite and merged.any_non_finite:
-            # The caller detects non-finite losses itself (the trainer skips or stops the step):
-            # make sure every position with a non-finite logit reports a NaN loss.
-            merged.loss.masked_fill_(merged.non_finite.bool(), float("nan"))
+        if input_flags is None:
+            any_non_finite = _raise_bad_input(
+                merged, gathered, target_1d, vocab_size, ignore_index, check_finite
+            )
+            if not check_finite and any_non_finite:
+                # The caller detects non-finite losses itself (the trainer skips or stops the
+                # step): make sure every position with a non-finite logit reports a NaN loss.
+                merged.loss.masked_fill_(merged.non_finite.bool(), float("nan"))
+        else:
+            # No host synchronisation: the caller reads the counts when it wants them. Bad
+            # positions get a NaN loss, so that ignoring the counts cannot train on them quietly.
+            input_flags.add_(merged.flags.to(input_flags.dtype))
+            bad = merged.non_finite.bool() | merged.bad_target.bool()
+            merged.loss.masked_fill_(bad, float("nan"))
 
         ctx.config, ctx.plan, ctx.vocab_start = config, plan, vocab_start
+        ctx.logits_dtype = logits.dtype
         ctx.save_for_backward(
             logits if buf.data_ptr() == logits.data_ptr() else buf,  # autograd saves no views
             block,  # this slice's maximum, top values and target ownership
@@ -181,9 +221,10 @@ class _VocabParallelShapedCrossEntropy(torch.autograd.Function):
             weight_sum,
             ctx.config,
             plan,
+            out_dtype=ctx.logits_dtype,
         )
         grad = grad.view(*grad_loss.shape, -1)
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
 
 
 def vocab_parallel_shaped_cross_entropy(
@@ -194,12 +235,23 @@ def vocab_parallel_shaped_cross_entropy(
     ignore_index: int = -100,
     return_stats: bool = False,
     check_finite: bool = True,
+    *,
+    input_flags: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, ShapedLossStats]:
     """Reward-shaped loss over logits split along the vocabulary across tensor-parallel ranks.
 
     One all-gather of a [N, kk + 6] block per call (kk = min(top_k, V/tp) when the top-k set is
     needed, else 1); the backward is local. Math in fp32 whatever the logits' dtype. Exact against
     reference_shaped_cross_entropy, ties at the k-th logit included.
+
+    On CUDA the forward, the merge and the backward are Triton kernels (functional.py says where
+    each step runs) and nothing in the call waits for the device, except the check of bad input:
+    by default the call reads the merged flags once (one host-device synchronisation per call,
+    after the all-gather) so that it can raise. Pass `input_flags` to skip that read: then the
+    call makes no host synchronisation at all (forward and backward), raises nothing about the
+    values of its inputs, adds its counts to `input_flags` on the device, and gives a NaN loss at
+    every position with a bad label or a non-finite logit. The trainer's use: one zero tensor per
+    step, passed to every micro-batch's call, summed into the step's all-reduce, read once.
 
     Like megatron-core's vocab_parallel_cross_entropy, this overwrites fp32 logits in place (they
     hold exp(logit - max) after the forward and the gradient after the backward); pass a clone if
@@ -217,19 +269,34 @@ def vocab_parallel_shaped_cross_entropy(
         return_stats: also return ShapedLossStats computed from the same sums (top-k mass with
             k = config.top_k; it costs a top-k search when the config itself needs none).
         check_finite: raise on NaN or infinite logits (the statistics the forward gathers anyway
-            show them, so the check costs nothing); False gives such positions a NaN loss
-            instead, for callers that handle non-finite losses themselves (the trainer).
+            show them, so the check costs no extra pass); False gives such positions a NaN loss
+            instead, for callers that handle non-finite losses themselves (the trainer). Ignored
+            with input_flags.
+        input_flags: None (default: bad input raises, one host synchronisation per call), or a
+            floating-point tensor [3] on the logits' device to which the call adds, in place and
+            with no host synchronisation, the counts named by INPUT_FLAGS: positions with a label
+            outside the vocabulary, positions with a NaN or infinite logit, positions whose ranks
+            hold slices of different sizes. The counts come from the gathered statistics, so
+            they are the same on every rank of tp_group. Nothing about the inputs' values raises
+            then; those positions' losses are NaN.
 
     Returns:
         loss [s, b] fp32 per position; with return_stats, (loss, ShapedLossStats).
 
     Raises:
-        ValueError: labels outside the vocabulary, unequal vocabulary slices, top_k larger than
-            the vocabulary, non-finite logits (with check_finite). Raised on every rank of the
-            group alike.
+        ValueError: labels outside the vocabulary, unequal vocabulary slices, non-finite logits
+            (with check_finite), all three only without input_flags; top_k larger than the
+            vocabulary, a malformed input_flags. Raised on every rank of the group alike.
     """
     out = _VocabParallelShapedCrossEntropy.apply(
-        vocab_parallel_logits, target, config, tp_group, ignore_index, return_stats, check_finite
+        vocab_parallel_logits,
+        target,
+        config,
+        tp_group,
+        ignore_index,
+        return_stats,
+        check_finite,
+        input_flags,
     )
     if not return_stats:
         return out

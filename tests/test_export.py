@@ -50,22 +50,25 @@ MOE = TinyGPT(num_experts=4, moe_router_topk=2, moe_layer_freq=(0, 1))  # dense 
 MOE_PRE_SOFTMAX = TinyGPT(num_experts=4, moe_router_topk=2, moe_router_pre_softmax=True)
 
 
+ARCH_FIELDS = {
+    "hidden_size": 8,
+    "num_layers": 2,
+    "num_attention_heads": 4,
+    "num_query_groups": 2,
+    "head_dim": 4,
+    "ffn_hidden_size": 12,
+    "vocab_size": 10,
+    "padded_vocab_size": 16,
+    "max_position_embeddings": 32,
+    "rope_theta": 10000.0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+}
+"""A small dense architecture (ExportArch fields)."""
+
+
 def _arch(**overrides) -> ExportArch:
-    fields = {
-        "hidden_size": 8,
-        "num_layers": 2,
-        "num_attention_heads": 4,
-        "num_query_groups": 2,
-        "head_dim": 4,
-        "ffn_hidden_size": 12,
-        "vocab_size": 10,
-        "padded_vocab_size": 16,
-        "max_position_embeddings": 32,
-        "rope_theta": 10000.0,
-        "rms_norm_eps": 1e-6,
-        "tie_word_embeddings": False,
-    }
-    return ExportArch(**(fields | overrides))
+    return ExportArch(**(ARCH_FIELDS | overrides))
 
 
 MOE_ARCH = {

@@ -23,26 +23,12 @@ from megatron_ext.export.preflight import (
     read_arch_file,
     tokenizer_files,
 )
+from tests.test_export import ARCH_FIELDS
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "export_hf.py"
 HEAVY = ("torch", "megatron", "transformers", "safetensors", "numpy")
 """Top-level modules that an argument error must not have imported."""
-
-ARCH = {
-    "hidden_size": 8,
-    "num_layers": 2,
-    "num_attention_heads": 4,
-    "num_query_groups": 2,
-    "head_dim": 4,
-    "ffn_hidden_size": 12,
-    "vocab_size": 10,
-    "padded_vocab_size": 16,
-    "max_position_embeddings": 32,
-    "rope_theta": 10000.0,
-    "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": False,
-}
 
 
 def _run_tool(*args: str) -> tuple[int, list[str], set[str]]:
@@ -134,7 +120,7 @@ def test_bad_values(tmp_path):
     _assert_one_error([*base, "--tokenizer", str(tmp_path / "tok")], str(tmp_path / "tok"))
     _assert_one_error([*base, "--arch", str(tmp_path / "arch.json")], str(tmp_path / "arch.json"))
     arch = tmp_path / "arch.json"
-    arch.write_text(json.dumps(ARCH | {"num_query_groups": 3}))
+    arch.write_text(json.dumps(ARCH_FIELDS | {"num_query_groups": 3}))
     _assert_one_error([*base, "--arch", str(arch)], str(arch), "num_query_groups=3")
     # --overwrite of a folder that holds the checkpoint would delete it
     _assert_one_error(
@@ -214,15 +200,15 @@ def test_check_output_dir(tmp_path):
 
 def test_read_arch_file_and_tokenizer_files(tmp_path):
     arch = tmp_path / "arch.json"
-    arch.write_text(json.dumps(ARCH))
-    assert read_arch_file(arch).to_dict() == ARCH | {
+    arch.write_text(json.dumps(ARCH_FIELDS))
+    assert read_arch_file(arch).to_dict() == ARCH_FIELDS | {
         "num_experts": 0,
         "moe_router_topk": 0,
         "moe_ffn_hidden_size": 0,
         "norm_topk_prob": True,
         "moe_layers": None,
     }
-    arch.write_text(json.dumps({k: v for k, v in ARCH.items() if k != "head_dim"}))
+    arch.write_text(json.dumps({k: v for k, v in ARCH_FIELDS.items() if k != "head_dim"}))
     with pytest.raises(ValueError, match="head_dim"):
         read_arch_file(arch)
     arch.write_text("[1, 2]")

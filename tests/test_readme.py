@@ -228,7 +228,8 @@ def _check_comparison(out: Path, steps: int) -> None:
     )
     assert ce[0]["ce_loss"] == pytest.approx(precision[0]["ce_loss"], rel=1e-5)
     assert ce[0]["loss"] == pytest.approx(ce[0]["ce_loss"], rel=1e-6)
-    assert precision[0]["loss"] != pytest.approx(precision[0]["ce_loss"], rel=1e-3)
+    # At initialisation p(x) ~ 1/8192, where beta = -0.25 moves the loss by ~1e-3 (2.5e-3 here).
+    assert abs(precision[0]["loss"] - precision[0]["ce_loss"]) > 1e-4
 
 
 if __name__ == "__main__":

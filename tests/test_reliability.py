@@ -104,7 +104,13 @@ def test_nonfinite_loss_skips_the_step(pool2, data_prefix, tmp_path):
         assert out["final_step"] == 6
         # checkpoints of steps 2, 4, 6: none of them holds NaN (the save refuses non-finite
         # weights, and the skip kept them finite)
-        assert out["save_dir"] == ["iter_0000002", "iter_0000004", "iter_0000006", "latest"]
+        assert out["save_dir"] == [
+            "config.json",  # the run's configuration (training.start)
+            "iter_0000002",
+            "iter_0000004",
+            "iter_0000006",
+            "latest",
+        ]
     _record_nonfinite(
         tmp_path / "ckpt",
         fault="NaN logits at step 3 on rank 1 (DP=2)",
@@ -130,7 +136,7 @@ def test_nonfinite_gradients_stop_the_run(pool2, data_prefix, tmp_path):
         assert message.startswith("step 2: non-finite gradients on rank(s) [0]; stopping")
         assert "loss" not in message.split(";")[0]  # the loss itself was finite
         assert out["checksums"][2] == out["checksums"][1]  # not applied
-        assert out["save_dir"] == ["iter_0000001", "latest"]
+        assert out["save_dir"] == ["config.json", "iter_0000001", "latest"]
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == "1"
     _record_nonfinite(
         tmp_path / "ckpt",
@@ -152,7 +158,7 @@ def test_repeated_nonfinite_steps_stop_the_run(pool2, data_prefix, tmp_path):
         assert message.startswith("step 4: non-finite loss on rank(s) [0]")
         assert "3 steps in a row were not finite (max_consecutive_skips=2)" in message
         assert out["checksums"][4] == out["checksums"][1]
-        assert out["save_dir"] == ["iter_0000002", "latest"]
+        assert out["save_dir"] == ["config.json", "iter_0000002", "latest"]
     _record_nonfinite(
         tmp_path / "ckpt",
         fault="NaN logits at every step from step 2 on rank 0",
@@ -172,7 +178,7 @@ def test_nan_weights_are_never_saved(pool2, data_prefix, tmp_path):
         assert message.startswith(
             "checkpoint of step 4: the weights on rank(s) [1] hold NaN or infinite values"
         )
-        assert out["save_dir"] == ["iter_0000002", "latest"]  # no iter_0000004, no staging
+        assert out["save_dir"] == ["config.json", "iter_0000002", "latest"]  # no iter_0000004, no staging
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == "2"
     _record_nonfinite(
         tmp_path / "ckpt",

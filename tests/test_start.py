@@ -224,9 +224,11 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_command_line_refuses_before_importing_torch(tmp_path):
     """The training command line reports a mistyped --load (and a missing data prefix) as one
     `error:` line, without importing torch or megatron-core (10-15 s before)."""
+    work = tmp_path / "clean" / "here"  # no checkpoint folder anywhere near (other tests' are)
+    work.mkdir(parents=True)
     out = _cli(
         "--nproc-per-node", "2", "--model", "tiny", "--tp", "2", "--data-path", "data/x",
-        "--load", "runs/tinyy", "--save", "runs/tiny", cwd=tmp_path,
+        "--load", "runs/tinyy", "--save", "runs/tiny", cwd=work,
     )  # fmt: skip
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert out.returncode == 1, out.stderr[-2000:]

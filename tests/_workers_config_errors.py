@@ -46,3 +46,24 @@ def pretrain_outcome(config) -> dict[str, Any]:
             patch.stop()
     out["calls"] = {name: m.call_count for name, m in mocks.items()}
     return out
+
+
+def pretrain_with_a_bad_label(config, rank: int = 1) -> dict[str, Any]:
+    """pretrain_outcome, with one label of `rank`'s first micro-batch set far outside the
+    vocabulary (the inputs stay valid: what a label-building bug would do)."""
+    import torch.distributed as dist
+
+    from megatron_ext.training import trainer
+
+    original = trainer._forward_step
+    corrupted = []
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        if dist.get_rank() == rank and not corrupted:
+            batch.labels[0, 3] = 1_000_000
+            corrupted.append(True)
+        return original(iter([batch]), model)
+
+    with mock.patch.object(trainer, "_forward_step", forward_step):
+        return pretrain_outcome(config)

@@ -645,3 +645,18 @@ def test_bad_config_file(name, tmp_path, capsys):
     _assert_names(err, *parts)
     shown = text.replace("\n", "; ").strip("; ") if text else "a file that does not exist"
     _record(f"config file {filename}: {shown}", str(info.value))
+
+
+def test_labels_outside_the_vocabulary_stop_the_step(pool2, data_prefix):
+    """A label the model cannot predict (one label of rank 1's first micro-batch set to
+    1,000,000, the inputs valid): the loss counts it on the device with no host
+    synchronisation, the step's all-reduce shows it, and every rank raises the same DataError
+    naming the step, the rank, the position and the fix, before any update."""
+    outcomes = pool2.run(w.pretrain_with_a_bad_label, _config(data_prefix))
+    message = _same_error_on_every_rank(outcomes, "DataError")
+    _assert_names(
+        message, "step 1:", f"labels outside the vocabulary [0, {VOCAB})", "rank(s) [1]",
+        "sequence 0, position 3: label 1000000", "model.vocab_size",
+    )  # fmt: skip
+    assert all(o["calls"]["train_step"] == 1 for o in outcomes)
+    _record("a label of 1,000,000 in rank 1's batch (inputs valid): 2 ranks", message)

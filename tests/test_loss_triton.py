@@ -507,3 +507,34 @@ def test_gpu_check_script_parses():
     for script in ("gpu_check.sh", "gpu_wheels.sh"):
         done = subprocess.run(["bash", "-n", str(ROOT / "tools" / script)], capture_output=True)
         assert done.returncode == 0, done.stderr.decode()
+
+
+@interpreted
+@pytest.mark.parametrize("stats", [False, True], ids=["plain-step", "logged-step"])
+def test_trainer_loss_call_makes_no_host_synchronisation(triton_on_cpu, stats):
+    """The call the trainer makes each micro-batch (ShapedLossGPTModel's loss with the trainer's
+    input_flags; diagnostics on logged steps): no host read in forward or backward, the bad
+    labels counted on the device for the step's all-reduce."""
+    import types
+
+    from megatron_ext.models.gpt import ShapedLossGPTModel
+
+    flags = torch.zeros(len(INPUT_FLAGS))
+    model = types.SimpleNamespace(
+        native_cross_entropy=False,
+        shaping=RewardShapingConfig.preset("tail_suppression"),
+        pg_collection=types.SimpleNamespace(tp=None),
+        ignore_index=-100,
+        compute_loss_stats=stats,
+        check_finite_logits=False,
+        input_flags=flags,
+        last_loss_stats=None,
+    )
+    z, x = _flag_inputs("cpu", torch.bfloat16)  # [s, b, V], [s, b]
+    x[2, 1] = 300  # outside the vocabulary of 256
+    leaf = z.clone().requires_grad_()
+    with no_host_sync_from():
+        loss = ShapedLossGPTModel.compute_language_model_loss(model, x.t(), leaf * 1)  # [b, s]
+        loss.nan_to_num().sum().backward()
+    assert flags.tolist() == [1.0, 0.0, 0.0]
+    assert bool(loss[1, 2].isnan()) and (model.last_loss_stats is not None) == stats

@@ -133,6 +133,10 @@ class ShapedLossGPTModel(GPTModel):
     `compute_loss_stats = False` skips them (they cost a top-k search per position when the
     shaping itself needs none); `last_loss_stats` is then None.
 
+    With `input_flags` set (a zero [3] tensor, see vocab_parallel.INPUT_FLAGS) the loss makes no
+    host-device synchronisation: bad labels and non-finite logits give NaN losses and add to
+    those counts instead of raising.
+
     `native_cross_entropy=True` uses megatron-core's own loss instead (a baseline for
     benchmarks; `last_loss_stats` stays None).
     """
@@ -153,6 +157,10 @@ class ShapedLossGPTModel(GPTModel):
         # False: NaN or infinite logits give a NaN loss instead of an error (the trainer finds
         # non-finite losses itself, on every rank at once, and skips or stops the step).
         self.check_finite_logits = True
+        # A [len(INPUT_FLAGS)] float tensor on the model's device: the loss adds its counts of
+        # bad labels and non-finite logits to it instead of raising, with no host-device
+        # synchronisation (the trainer reads it once per step, in its all-reduce).
+        self.input_flags: Tensor | None = None
         self.last_loss_stats: ShapedLossStats | None = None
 
     def compute_language_model_loss(self, labels: Tensor, logits: Tensor) -> Tensor:
@@ -177,6 +185,7 @@ class ShapedLossGPTModel(GPTModel):
             ignore_index=self.ignore_index,
             return_stats=self.compute_loss_stats,
             check_finite=self.check_finite_logits,
+            input_flags=self.input_flags,
         )
         if self.compute_loss_stats:
             loss, stats = out

@@ -45,7 +45,9 @@ from megatron.core.utils import unwrap_model
 from megatron_ext.core import install_cpu_compat
 from megatron_ext.core.parallel import destroy_new_process_groups, process_groups
 from megatron_ext.core.quiet import transformer_engine_notice
+from megatron_ext.data.errors import DataError
 from megatron_ext.loss import ShapedLossStats
+from megatron_ext.loss.vocab_parallel import INPUT_FLAGS
 from megatron_ext.models import IGNORE_INDEX, build_model, to_transformer_config
 from megatron_ext.training.checkpoint import (
     CheckpointError,
@@ -295,6 +297,10 @@ class Trainer:
         )
         model.to(self.device)
         model.check_finite_logits = False  # non-finite losses are handled per step, below
+        # Bad labels and non-finite logits are counted on the device and read once per step, in
+        # train_step's all-reduce: the loss itself never waits for the device.
+        self.input_flags = torch.zeros(len(INPUT_FLAGS), dtype=torch.float32, device=self.device)
+        model.input_flags = self.input_flags
         if cfg.bf16:
             model = Float16Module(self.tconfig, model)
         ddp_config = DistributedDataParallelConfig(
@@ -396,6 +402,34 @@ class Trainer:
         table = torch.stack(gathered).cpu()  # [world, len(flags)]
         return [table[:, i].nonzero().flatten().tolist() for i in range(flags.numel())]
 
+    def _raise_bad_labels(self, batches: list[MicroBatch]) -> None:
+        """Some rank's loss saw a label outside the vocabulary (or unequal vocabulary slices):
+        raise the same DataError on every rank, naming the ranks and the first bad position
+        (this path reads the labels on the host; it ends the run)."""
+        vocab = self.config.model.vocab_size
+        found = None
+        if self.input_flags.sum() > 0:
+            for i, batch in enumerate(batches):
+                labels = batch.labels.masked_fill(batch.loss_mask == 0, IGNORE_INDEX)  # [b, s]
+                bad = ((labels < 0) & (labels != IGNORE_INDEX)) | (labels >= vocab)
+                if bool(bad.any()):
+                    b, s = (int(v) for v in bad.nonzero()[0])
+                    found = (
+                        f"micro-batch {i}, sequence {b}, position {s}: label "
+                        f"{int(labels[b, s])} (samples {batch.sample_indices})"
+                    )
+                    break
+            found = found or "unequal vocabulary slices across tensor-parallel ranks"
+        details: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(details, found)
+        ranks = [r for r, d in enumerate(details) if d is not None]
+        first = next(d for d in details if d is not None) if ranks else "unknown"
+        raise DataError(
+            f"labels outside the vocabulary [0, {vocab}) (model.vocab_size={vocab}) on rank(s) "
+            f"{ranks}, first at {first}; the data holds token ids the model cannot predict: "
+            "train with the tokenizer the data was made with, or a larger model.vocab_size"
+        )
+
     def train_step(self, batches: list[MicroBatch], diagnostics: bool = True) -> StepResult:
         """Forward and backward over the micro-batches, then the optimizer step, unless some rank
         saw a non-finite loss or gradient: then the step is withheld (the weights and optimizer
@@ -406,10 +440,12 @@ class Trainer:
         self._set_loss_stats(diagnostics)
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
+        self.input_flags.zero_()
         sums = self._run_schedule(batches, forward_only=False)
-        # One all-reduce carries the loss sums and three per-rank flags: non-finite loss here,
-        # non-finite gradients here, SIGTERM received here.
-        # The flags stay on the device: one host synchronisation per step, after the all-reduce.
+        # One all-reduce carries the loss sums, three per-rank flags (non-finite loss here,
+        # non-finite gradients here, SIGTERM received here) and the loss's input counts (bad
+        # labels, non-finite logits, unequal slices). All stay on the device: one host
+        # synchronisation per step, after the all-reduce.
         sigterm_here = self._sigterm is not None and self._sigterm.received
         flags = torch.stack(
             [
@@ -418,10 +454,15 @@ class Trainer:
                 torch.tensor(sigterm_here, device=self.device),
             ]
         ).to(torch.float64)
-        payload = torch.cat([sums, flags])
+        payload = torch.cat([sums, flags, self.input_flags.double()])
         dist.all_reduce(payload)
         payload = payload.cpu()
-        total, counts = payload[: len(LOSS_SUM_FIELDS)], payload[len(LOSS_SUM_FIELDS) :]
+        n = len(LOSS_SUM_FIELDS)
+        total, counts, inputs = payload[:n], payload[n : n + 3], payload[n + 3 :]
+        if bool(inputs[INPUT_FLAGS.index("bad_target")] > 0) or bool(
+            inputs[INPUT_FLAGS.index("unequal_slices")] > 0
+        ):
+            self._raise_bad_labels(batches)
         sigterm = bool(counts[2] > 0)
         if bool(counts[0] > 0) or bool(counts[1] > 0):
             loss_ranks, grad_ranks = self._ranks_flagged(flags[:2])
@@ -540,7 +581,10 @@ class Trainer:
                 lr = self.optimizer.param_groups[0]["lr"]
                 last = step + 1 == cfg.train_steps
                 logged = (step + 1) % cfg.logging.log_interval == 0 or last
-                out = self.train_step(batches, diagnostics=logged)
+                try:
+                    out = self.train_step(batches, diagnostics=logged)
+                except DataError as exc:  # bad labels seen by the loss: every rank raises
+                    raise DataError(f"step {step + 1}: {exc}") from None
                 step += 1
                 if out.skipped:
                     consecutive_skips += 1

@@ -42,10 +42,12 @@ _POOL_FIXTURES = {"pool2", "pool4"}
 
 
 def pytest_runtest_setup(item):
-    """Stop the shared gloo ranks before a test that does not use them (they start again, lazily,
-    for the next test that does). Idle, they are not free: each holds a few hundred gloo threads
-    and took 15-21% of a core, which the multi-process tests of a 2-core machine need."""
-    if not _POOL_FIXTURES & set(getattr(item, "fixturenames", ())):
+    """Stop the shared gloo ranks before a `slow` test (multi-process runs) that does not use
+    them; they start again, lazily, for the next test that does (about 8 s). Idle, they are not
+    free: each holds a few hundred gloo threads and took 15-21% of a core, which the multi-process
+    tests of a 2-core machine need."""
+    uses_pool = _POOL_FIXTURES & set(getattr(item, "fixturenames", ()))
+    if item.get_closest_marker("slow") and not uses_pool:
         shutdown_pools()
 
 

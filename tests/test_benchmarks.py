@@ -40,6 +40,7 @@ def _ratio_rows(out: str) -> dict[str, float]:
     return rows
 
 
+@pytest.mark.slow
 def test_bench_train_prints_every_loss_against_megatron_ce():
     out = _run_tool(
         "bench_train.py", "--steps", "2", "--warmup", "1", "--presets", "ce", "tail_suppression"
@@ -51,6 +52,7 @@ def test_bench_train_prints_every_loss_against_megatron_ce():
     assert re.search(r"tail_suppression .*\[[\d.]+, [\d.]+\]", out), out  # the interval
 
 
+@pytest.mark.slow
 def test_bench_loss_prints_time_and_memory_ratios():
     out = _run_tool(
         "bench_loss.py", "--tokens", "64", "--vocab", "512", "--repeats", "1",

@@ -74,17 +74,17 @@ COMMANDS: dict[str, Command] = {
     "data/mycorpus --tokenizer data/default/tokenizer --workers 2": Command(
         files=("data/mycorpus.bin", "data/mycorpus.idx")
     ),
-    T.format(20): Command(
+    T.format(12): Command(
         expect=(
             "model.vocab_size=8192 and data.eod_id=0 from data/default/manifest.json",
             "starting from scratch",
-            "finished at step 20 of 20; checkpoint runs/tiny/iter_0000020",
+            "finished at step 12 of 12; checkpoint runs/tiny/iter_0000012",
         ),
     ),
-    T.format(30): Command(
+    T.format(16): Command(
         expect=(
-            "resuming from runs/tiny at step 20",
-            "finished at step 30 of 30; checkpoint runs/tiny/iter_0000030",
+            "resuming from runs/tiny at step 12",
+            "finished at step 16 of 16; checkpoint runs/tiny/iter_0000016",
         )
     ),
     ".venv/bin/python tools/export_hf.py --checkpoint runs/tiny --out hf/tiny --tokenizer "
@@ -108,7 +108,7 @@ COMMANDS: dict[str, Command] = {
         expect=("#SBATCH --nodes=16", "dry run: nothing was launched"),
     ),
     f"{RC} compare --data-dir data/default --out outputs/compare --presets ce precision "
-    "--steps 10": Command(expect=("report:",), files=("outputs/compare/report.md",)),
+    "--steps 5": Command(expect=("report:",), files=("outputs/compare/report.md",)),
 }
 
 
@@ -182,10 +182,10 @@ def test_readme_commands_work_as_written(tmp_path):
             assert (work / name).exists(), f"{command}: {name} missing"
         noise = WARNING.findall(text)
         assert not noise, f"{command} printed warnings or a traceback:\n{text[-4000:]}"
-    # The relaunch resumed: one record per step, 1..30, and `latest` moved forward only.
+    # The relaunch resumed: one record per step, 1..16, and `latest` moved forward only.
     steps = [json.loads(x)["step"] for x in (work / "runs/tiny/logs/metrics.jsonl").open()]
-    assert steps == list(range(1, 31))
-    assert (work / "runs/tiny/latest").read_text().strip() == "30"
+    assert steps == list(range(1, 17))
+    assert (work / "runs/tiny/latest").read_text().strip() == "16"
     # The export is readable by everyone the umask allows (0644 under the usual 022).
     umask = os.umask(0)
     os.umask(umask)
@@ -205,7 +205,7 @@ def test_readme_commands_work_as_written(tmp_path):
     )
     assert again.returncode == 1 and "--overwrite" in again.stderr
     assert "Traceback" not in again.stderr
-    _check_comparison(work / "outputs" / "compare", steps=10)
+    _check_comparison(work / "outputs" / "compare", steps=5)
 
 
 def _check_comparison(out: Path, steps: int) -> None:

@@ -319,6 +319,7 @@ def _compare(reference: dict, root: Path) -> dict[str, object]:
     }
 
 
+@pytest.mark.slow
 def test_kill9_at_random_moments_resumes_exactly(data_prefix, reference, tmp_path):
     """Several trials; in each the job is killed twice (SIGKILL to every process, as when a node
     dies) at a random moment after a random step, then resumed from its latest checkpoint."""
@@ -364,6 +365,7 @@ def test_kill9_at_random_moments_resumes_exactly(data_prefix, reference, tmp_pat
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "fault,env",
     [
@@ -400,6 +402,7 @@ def test_kill_during_save_keeps_the_previous_checkpoint(
     )
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_then_resumes_exactly(data_prefix, reference, tmp_path):
     """SIGTERM to every process of the job (what Slurm does before preemption): the ranks finish
     their step, save, and exit; the resumed run matches the uninterrupted one. torchrun's agent,

@@ -348,18 +348,18 @@ def merge_statistics(
     (on CPU one kernel, _cpu_kernels.merge_fp32, with fp64 scalars; elsewhere the torch ops
     below)."""
     kk = plan.kk
+    # What both merge kernels take after the gathered blocks and the valid mask.
+    shaping = (
+        kk,
+        min(config.top_k, vocab_size),
+        plan.find_topk,
+        config.beta,
+        config.lambda_head,
+        config.lambda_tail,
+    )
     triton_ops = _triton_path(gathered, valid)
     if triton_ops is not None:
-        out = triton_ops.merge_statistics(
-            gathered,
-            valid,
-            kk,
-            min(config.top_k, vocab_size),
-            plan.find_topk,
-            config.beta,
-            config.lambda_head,
-            config.lambda_tail,
-        )
+        out = triton_ops.merge_statistics(gathered, valid, *shaping)
         if out is not None:
             return _merged_from_rows(out, triton_ops.MERGED_ROWS)
     kernels = (
@@ -374,12 +374,7 @@ def merge_statistics(
             gathered.numel(),
             gathered.contiguous().numpy(),
             valid.numpy(),
-            kk,
-            min(config.top_k, vocab_size),
-            plan.find_topk,
-            config.beta,
-            config.lambda_head,
-            config.lambda_tail,
+            *shaping,
             out.numpy(),
         )
         return _merged_from_rows(out, kernels.MERGED_ROWS)

@@ -4,7 +4,6 @@ checked here: the figures come from full runs, see the README's Benchmarks secti
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
 import subprocess
 import sys
@@ -12,16 +11,18 @@ from pathlib import Path
 
 import pytest
 
+from tests.tiny_run import standalone_env
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run_tool(name: str, *argv: str) -> str:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR")}
+def _run_tool(name: str, *argv: str, drop: tuple[str, ...] = ()) -> str:
+    """Run tools/<name> on its own (environment less `drop`); its stdout, exit code 0 asserted."""
     done = subprocess.run(
         [sys.executable, str(ROOT / "tools" / name), *argv],
         check=False,
         cwd=ROOT,
-        env=env,
+        env=standalone_env(*drop),
         capture_output=True,
         text=True,
         timeout=300,

@@ -487,20 +487,13 @@ def test_cuda_input_flags_call_makes_no_host_synchronisation():
 
 def test_gpu_bench_runs_on_cpu():
     """The loss benchmark's code on tiny sizes (the CPU path: the kernels are checked above)."""
-    drop = ("RANK", "WORLD_SIZE", "MASTER_PORT", "TRITON_INTERPRET")
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "bench_gpu.py"), "loss", "--device", "cpu"]
-        + ["--small"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    from tests.test_benchmarks import _run_tool
+
+    out = _run_tool(
+        "bench_gpu.py", "loss", "--device", "cpu", "--small", drop=("TRITON_INTERPRET",)
     )
-    assert done.returncode == 0, done.stderr[-3000:]
     for name in ("megatron_ce", "torch_ce", *PRESETS):
-        assert f"| {name} " in done.stdout, done.stdout
+        assert f"| {name} " in out, out
 
 
 def test_gpu_check_script_parses():

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.tiny_run import standalone_env
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 WARNING = re.compile(r"\b(UserWarning|FutureWarning|DeprecationWarning)\b|^Traceback", re.MULTILINE)
@@ -157,7 +159,7 @@ def _fresh_folder(tmp: Path) -> Path:
 @pytest.mark.slow
 def test_readme_commands_work_as_written(tmp_path):
     work = _fresh_folder(tmp_path)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env = standalone_env()
     env["NEMORUN_HOME"] = str(tmp_path / "nemo_run")  # keep the user's ~/.nemo_run out of it
     env.pop("PYTHONPATH", None)
     for command in readme_commands(README.read_text()):

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +24,7 @@ from megatron_ext.core.checkpoint_layout import (
 from megatron_ext.models import model_preset
 from megatron_ext.training import CheckpointConfig, ConfigError, LoggingConfig, TrainConfig
 from megatron_ext.training.start import apply_start_plan, plan_start
+from tests.tiny_run import run_training_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -209,16 +208,7 @@ def test_load_step_that_does_not_exist(tmp_path):
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    return subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "megatron_ext.training", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return run_training_cli(*args, timeout=120, cwd=cwd, python_flags=("-X", "importtime"))
 
 
 def test_command_line_refuses_before_importing_torch(tmp_path):

@@ -30,15 +30,29 @@ def tiny_run_config(
     return TrainConfig(**base)
 
 
-def run_training_cli(*argv: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    """`python -m megatron_ext.training *argv` as a single process (no torchrun variables
-    inherited), from the repository root; output captured, exit code not checked."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR")}
+_LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def standalone_env(*drop: str) -> dict[str, str]:
+    """This process's environment without the torchrun variables (a test's gloo group may have
+    set some) and without `drop`: for a subprocess that starts on its own."""
+    return {k: v for k, v in os.environ.items() if k not in (*_LAUNCHER_VARIABLES, *drop)}
+
+
+def run_training_cli(
+    *argv: str,
+    timeout: float = 240,
+    cwd: str | os.PathLike[str] | None = None,
+    python_flags: tuple[str, ...] = (),
+) -> subprocess.CompletedProcess:
+    """`python [python_flags] -m megatron_ext.training *argv` as a single process (no torchrun
+    variables inherited), from `cwd` (default: the repository root); output captured, exit code
+    not checked."""
     return subprocess.run(
-        [sys.executable, "-m", "megatron_ext.training", *argv],
+        [sys.executable, *python_flags, "-m", "megatron_ext.training", *argv],
         check=False,
-        cwd=Path(__file__).resolve().parents[1],
-        env=env,
+        cwd=cwd if cwd is not None else Path(__file__).resolve().parents[1],
+        env=standalone_env(),
         capture_output=True,
         text=True,
         timeout=timeout,

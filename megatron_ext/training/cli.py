@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_ext.core.checkpoint_layout import CheckpointError
+from megatron_ext.data.errors import DataError
 from megatron_ext.training.config import (
     ConfigError,
     TrainConfig,
@@ -259,6 +260,10 @@ def _without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
+_CHECK_ERRORS = (ConfigError, DataError, CheckpointError)
+"""What the checks before launch raise: one `error:` line each."""
+
+
 def _launch(args: argparse.Namespace, argv: list[str]) -> int:
     """Check the run as N ranks would, then start them with torchrun's launcher; a failure is
     reported by the ranks themselves (rank 0's `error:` line), not by a launcher traceback."""
@@ -266,18 +271,18 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
     if nproc < 1:
         print(f"error: --nproc-per-node must be >= 1, got {nproc}", file=sys.stderr)
         return 1
+    world = os.environ.get("WORLD_SIZE")
     os.environ["WORLD_SIZE"] = str(nproc)
     try:
         check_before_launch(config_from_args(args, announce=False))
-    except Exception as exc:
-        from megatron_ext.data.errors import DataError
-
-        if not isinstance(exc, (ConfigError, DataError, CheckpointError)):
-            raise
+    except _CHECK_ERRORS as exc:
         print(f"error: {_flag_hints(str(exc))}", file=sys.stderr, flush=True)
         return 1
     finally:
-        del os.environ["WORLD_SIZE"]
+        if world is None:
+            del os.environ["WORLD_SIZE"]
+        else:
+            os.environ["WORLD_SIZE"] = world
     # One intra-op thread per rank unless asked otherwise (what torchrun does, without its
     # banner); torchrun's agent logs at WARNING.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -331,18 +336,11 @@ def main(argv: list[str] | None = None) -> int:
     data, checkpoint or non-finite-loss error (printed as one message, without a traceback, by
     rank 0: every rank raises the same one).
     """
-    from megatron_ext.data.errors import DataError
-
     args = parse_args(argv)
     if args.nproc_per_node is not None and "LOCAL_RANK" not in os.environ:
         return _launch(args, list(sys.argv[1:] if argv is None else argv))
     # FileNotFoundError: a checkpoint folder removed while the run started.
-    expected: tuple[type[Exception], ...] = (
-        ConfigError,
-        DataError,
-        CheckpointError,
-        FileNotFoundError,
-    )
+    expected: tuple[type[Exception], ...] = (*_CHECK_ERRORS, FileNotFoundError)
     try:
         config = config_from_args(args)
         if args.print_config:

@@ -1,4 +1,5 @@
-"""The reward-shaped next-token objective: config, single-device reference, vocab-parallel loss.
+"""The reward-shaped next-token objective: config, single-device reference, vocab-parallel loss,
+and the loss fused with the output layer.
 
 Names are imported on first use (megatron_ext._lazy), so the config alone loads without torch.
 """
@@ -11,6 +12,7 @@ from megatron_ext._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from megatron_ext.loss.config import PRESETS, RewardShapingConfig
+    from megatron_ext.loss.output import fused_output_shaped_cross_entropy
     from megatron_ext.loss.reference import ShapedLossStats, reference_shaped_cross_entropy
     from megatron_ext.loss.vocab_parallel import vocab_parallel_shaped_cross_entropy
 
@@ -18,6 +20,7 @@ _EXPORTS = {
     "PRESETS": "config",
     "RewardShapingConfig": "config",
     "ShapedLossStats": "reference",
+    "fused_output_shaped_cross_entropy": "output",
     "reference_shaped_cross_entropy": "reference",
     "vocab_parallel_shaped_cross_entropy": "vocab_parallel",
 }
@@ -26,6 +29,7 @@ __all__ = [
     "PRESETS",
     "RewardShapingConfig",
     "ShapedLossStats",
+    "fused_output_shaped_cross_entropy",
     "reference_shaped_cross_entropy",
     "vocab_parallel_shaped_cross_entropy",
 ]

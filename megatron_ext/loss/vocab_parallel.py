@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 from megatron_ext.loss.config import RewardShapingConfig
 from megatron_ext.loss.functional import (
+    MergedStatistics,
     ShardPlan,
     merge_statistics,
     plan_shard,
@@ -18,7 +19,12 @@ from megatron_ext.loss.functional import (
 )
 from megatron_ext.loss.reference import ShapedLossStats
 
-__all__ = ["INPUT_FLAGS", "vocab_parallel_shaped_cross_entropy"]
+__all__ = [
+    "INPUT_FLAGS",
+    "check_input_flags",
+    "gather_and_merge",
+    "vocab_parallel_shaped_cross_entropy",
+]
 
 INPUT_FLAGS = ("bad_target", "non_finite", "unequal_slices")
 """What each entry of the `input_flags` accumulator counts (see
@@ -88,7 +94,11 @@ def _raise_bad_input(merged, gathered, target, vocab_size, ignore_index, check_f
     return any_non_finite
 
 
-def _check_flags_buffer(flags: torch.Tensor, logits: torch.Tensor) -> None:
+def check_input_flags(flags: torch.Tensor | None, logits: torch.Tensor) -> None:
+    """Raise unless `flags` is None or a floating-point [len(INPUT_FLAGS)] tensor on the
+    logits' device."""
+    if flags is None:
+        return
     if (
         not isinstance(flags, torch.Tensor)
         or flags.shape != (len(INPUT_FLAGS),)
@@ -104,6 +114,41 @@ def _check_flags_buffer(flags: torch.Tensor, logits: torch.Tensor) -> None:
             f"input_flags must be a floating-point tensor of shape ({len(INPUT_FLAGS)},) on the "
             f"logits' device {logits.device}, got {got}"
         )
+
+
+def gather_and_merge(
+    block: torch.Tensor,
+    valid: torch.Tensor,
+    target: torch.Tensor,
+    config: RewardShapingConfig,
+    plan: ShardPlan,
+    vocab_size: int,
+    tp_group: dist.ProcessGroup | None,
+    *,
+    ignore_index: int,
+    check_finite: bool,
+    input_flags: torch.Tensor | None,
+) -> MergedStatistics:
+    """The loss's one collective and what follows it: all-gather this slice's statistics
+    [N, kk + 6], merge them, and deal with bad input (raise on every rank alike, or, with
+    input_flags, count it on the device and give those positions a NaN loss)."""
+    gathered = _all_gather_rows(block, tp_group)  # [tp, N, kk + 6]
+    merged = merge_statistics(gathered, valid, config, plan, vocab_size)
+    if input_flags is None:
+        any_non_finite = _raise_bad_input(
+            merged, gathered, target, vocab_size, ignore_index, check_finite
+        )
+        if not check_finite and any_non_finite:
+            # The caller detects non-finite losses itself (the trainer skips or stops the
+            # step): make sure every position with a non-finite logit reports a NaN loss.
+            merged.loss.masked_fill_(merged.non_finite.bool(), float("nan"))
+    else:
+        # No host synchronisation: the caller reads the counts when it wants them. Bad
+        # positions get a NaN loss, so that ignoring the counts cannot train on them quietly.
+        input_flags.add_(merged.flags.to(input_flags.dtype))
+        bad = merged.non_finite.bool() | merged.bad_target.bool()
+        merged.loss.masked_fill_(bad, float("nan"))
+    return merged
 
 
 class _VocabParallelShapedCrossEntropy(torch.autograd.Function):
@@ -126,8 +171,7 @@ class _VocabParallelShapedCrossEntropy(torch.autograd.Function):
             )
         if not logits.is_floating_point():
             raise TypeError(f"logits must be a floating-point tensor, got {logits.dtype}")
-        if input_flags is not None:
-            _check_flags_buffer(input_flags, logits)
+        check_input_flags(input_flags, logits)
         tp = 1 if tp_group is None else dist.get_world_size(tp_group)
         rank = 0 if tp_group is None else dist.get_rank(tp_group)
         vp = logits.shape[-1]
@@ -150,22 +194,18 @@ class _VocabParallelShapedCrossEntropy(torch.autograd.Function):
             logits_2d, target_1d, valid, vocab_start, plan, buf
         )
 
-        gathered = _all_gather_rows(block, tp_group)  # [tp, N, kk + 6]
-        merged = merge_statistics(gathered, valid, config, plan, vocab_size)
-        if input_flags is None:
-            any_non_finite = _raise_bad_input(
-                merged, gathered, target_1d, vocab_size, ignore_index, check_finite
-            )
-            if not check_finite and any_non_finite:
-                # The caller detects non-finite losses itself (the trainer skips or stops the
-                # step): make sure every position with a non-finite logit reports a NaN loss.
-                merged.loss.masked_fill_(merged.non_finite.bool(), float("nan"))
-        else:
-            # No host synchronisation: the caller reads the counts when it wants them. Bad
-            # positions get a NaN loss, so that ignoring the counts cannot train on them quietly.
-            input_flags.add_(merged.flags.to(input_flags.dtype))
-            bad = merged.non_finite.bool() | merged.bad_target.bool()
-            merged.loss.masked_fill_(bad, float("nan"))
+        merged = gather_and_merge(
+            block,
+            valid,
+            target_1d,
+            config,
+            plan,
+            vocab_size,
+            tp_group,
+            ignore_index=ignore_index,
+            check_finite=check_finite,
+            input_flags=input_flags,
+        )
 
         ctx.config, ctx.plan, ctx.vocab_start = config, plan, vocab_start
         ctx.logits_dtype = logits.dtype

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
         to_transformer_config,
     )
     from megatron_ext.models.norm import RMSNorm
+    from megatron_ext.models.output import ShapedLossOutputProcessor
     from megatron_ext.models.spec import (
         TransformerEngineUnavailableError,
         decoder_block_spec,
@@ -38,6 +39,7 @@ _EXPORTS = {
     "ModelConfig": "config",
     "RMSNorm": "norm",
     "ShapedLossGPTModel": "gpt",
+    "ShapedLossOutputProcessor": "output",
     "TransformerEngineUnavailableError": "spec",
     "build_model": "gpt",
     "decoder_block_spec": "spec",
@@ -54,6 +56,7 @@ __all__ = [
     "ModelConfig",
     "RMSNorm",
     "ShapedLossGPTModel",
+    "ShapedLossOutputProcessor",
     "TransformerEngineUnavailableError",
     "build_model",
     "decoder_block_spec",

@@ -27,6 +27,7 @@ from megatron_ext.loss import (
     vocab_parallel_shaped_cross_entropy,
 )
 from megatron_ext.models.config import ModelConfig
+from megatron_ext.models.output import ShapedLossOutputProcessor
 from megatron_ext.models.spec import decoder_block_spec
 
 __all__ = ["IGNORE_INDEX", "ShapedLossGPTModel", "build_model", "to_transformer_config"]
@@ -137,6 +138,10 @@ class ShapedLossGPTModel(GPTModel):
     host-device synchronisation: bad labels and non-finite logits give NaN losses and add to
     those counts instead of raising.
 
+    `fused_output_loss=True` computes the output layer and the loss together, a chunk of
+    positions at a time, so the logits are never materialised (models/output.py: megatron-core's
+    output_processor seam; the same results as the unfused path). MTP heads stay unfused.
+
     `native_cross_entropy=True` uses megatron-core's own loss instead (a baseline for
     benchmarks; `last_loss_stats` stays None).
     """
@@ -147,12 +152,15 @@ class ShapedLossGPTModel(GPTModel):
         shaping: RewardShapingConfig | None = None,
         ignore_index: int = IGNORE_INDEX,
         native_cross_entropy: bool = False,
+        fused_output_loss: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.shaping = shaping if shaping is not None else RewardShapingConfig()
         self.ignore_index = ignore_index
         self.native_cross_entropy = native_cross_entropy
+        self.fused_output_loss = fused_output_loss
+        self._output_loss = ShapedLossOutputProcessor()
         self.compute_loss_stats = True
         # False: NaN or infinite logits give a NaN loss instead of an error (the trainer finds
         # non-finite losses itself, on every rank at once, and skips or stops the step).
@@ -162,6 +170,26 @@ class ShapedLossGPTModel(GPTModel):
         # synchronisation (the trainer reads it once per step, in its all-reduce).
         self.input_flags: Tensor | None = None
         self.last_loss_stats: ShapedLossStats | None = None
+
+    def forward(self, *args: Any, output_processor: Any = None, **kwargs: Any) -> Tensor:
+        """GPTModel.forward; with fused_output_loss (and no output_processor of the caller's)
+        the main head's loss goes through the fused output processor."""
+        fused = (
+            output_processor is None and self.fused_output_loss and not self.native_cross_entropy
+        )
+        if fused:
+            processor = self._output_loss  # this step's settings, which the trainer may change
+            processor.shaping = self.shaping
+            processor.ignore_index = self.ignore_index
+            processor.return_stats = self.compute_loss_stats
+            processor.check_finite = self.check_finite_logits
+            processor.input_flags = self.input_flags
+            output_processor = processor
+        self.last_loss_stats = None
+        out = super().forward(*args, output_processor=output_processor, **kwargs)
+        if fused and self._output_loss.last_stats is not None:
+            self.last_loss_stats = self._output_loss.last_stats
+        return out
 
     def compute_language_model_loss(self, labels: Tensor, logits: Tensor) -> Tensor:
         """Per-token shaped loss.
@@ -202,6 +230,7 @@ def build_model(
     *,
     use_transformer_engine: bool = False,
     native_cross_entropy: bool = False,
+    fused_output_loss: bool = False,
     vp_stage: int | None = None,
 ) -> ShapedLossGPTModel:
     """This rank's pipeline stage of the model (parallel_state must be initialised)."""
@@ -220,5 +249,6 @@ def build_model(
         rotary_base=model.rope_base,
         shaping=shaping,
         native_cross_entropy=native_cross_entropy,
+        fused_output_loss=fused_output_loss,
         vp_stage=vp_stage,
     )

@@ -123,6 +123,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="baseline: megatron-core's own cross-entropy instead of the shaped loss",
     )
     p.add_argument(
+        "--fused-output-loss",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="output layer and loss in one chunked step, no logits in memory (default: on)",
+    )
+    p.add_argument(
         "--set",
         action="append",
         default=[],
@@ -188,6 +194,8 @@ def config_from_args(args: argparse.Namespace, announce: bool = True) -> TrainCo
         values["bf16"] = True
     if args.native_cross_entropy:
         values["native_cross_entropy"] = True
+    if args.fused_output_loss is not None:
+        values["fused_output_loss"] = args.fused_output_loss
     if args.overwrite:
         _put(values, "checkpoint", "overwrite", True)
     for flag, (section, field) in _FLAGS.items():

@@ -290,6 +290,10 @@ class TrainConfig:
     """Use the Transformer Engine layer spec (error when TE is not installed)."""
     recompute_activations: bool = False
     """Full activation recomputation of every layer."""
+    fused_output_loss: bool = True
+    """Compute the output layer and the loss together, a chunk of positions at a time, without
+    ever materialising the [s, b, V/tp] logits (megatron-core's output_processor seam; the same
+    results as the unfused path). False: the output layer's logits, then the loss."""
     native_cross_entropy: bool = False
     """Train with megatron-core's own cross-entropy instead of the shaped loss (a baseline: the
     shaping config is ignored and entropy / p(x) / top-k mass are not logged)."""

@@ -294,6 +294,7 @@ class Trainer:
             cfg.shaping,
             use_transformer_engine=cfg.use_transformer_engine,
             native_cross_entropy=cfg.native_cross_entropy,
+            fused_output_loss=cfg.fused_output_loss,
         )
         model.to(self.device)
         model.check_finite_logits = False  # non-finite losses are handled per step, below

@@ -4,6 +4,7 @@ checked here: the figures come from full runs, see the README's Benchmarks secti
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import subprocess
 import sys
@@ -81,3 +82,21 @@ def test_ratio_interval_brackets_the_ratio_of_medians(bench_train):
     assert bench_train._ratio_interval(base, base) == bench_train._ratio_interval(base, base)
     same_low, same_high = bench_train._ratio_interval(base, base)
     assert same_low <= 1.0 <= same_high
+
+
+@pytest.mark.slow
+def test_bench_output_loss_prints_time_ratios_and_measures_memory():
+    size = ("--tokens", "48", "--vocab", "2048", "--hidden", "16")
+    out = _run_tool(
+        "bench_output_loss.py", *size, "--repeats", "1", "--presets", "tail_suppression",
+        "--no-memory", "--train", "--train-vocab", "512", "--train-steps", "1",
+        "--train-warmup", "1",
+    )  # fmt: skip
+    rows = {m: float(r) for m, r in re.findall(r"^\| ([\w:]+) \| [\d.]+ \| ([\d.]+)x", out, re.M)}
+    assert set(rows) == {"megatron_ce", "unfused:tail_suppression", "fused:tail_suppression"}
+    assert rows["megatron_ce"] == 1.0 and all(r > 0 for r in rows.values()), out
+    assert "recomputed matmul alone" in out
+    assert re.search(r"^\| tail_suppression \| \d+ \| \d+ \| [\d.]+x \| \[", out, re.M), out
+    # The peak-memory measurement of one method (a fresh process per method in a full run).
+    memory = json.loads(_run_tool("bench_output_loss.py", *size, "--_memory-of", "fused:ce"))
+    assert memory["peak_bytes"] > 0 and memory["extra_bytes"] >= 0

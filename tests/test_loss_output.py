@@ -67,10 +67,10 @@ def make_inputs(case: Case):
     return hidden.to(DTYPES[case.dtype]), weight.to(DTYPES[case.dtype]), target, grad
 
 
-def run_both(case: Case, rank: int, world: int, group):
+def run_both(case: Case, rank: int, world: int, group, device: str = "cpu"):
     """This rank's loss, stats and gradients (hidden's partial, the weight slice's), unfused
-    and fused."""
-    hidden, weight, target, grad = make_inputs(case)
+    and fused (computed on `device`, returned on the CPU)."""
+    hidden, weight, target, grad = (t.to(device) for t in make_inputs(case))
     vp = case.vocab // world
     piece = weight[rank * vp : (rank + 1) * vp]
     shaping = RewardShapingConfig.preset(case.shaping)
@@ -88,7 +88,8 @@ def run_both(case: Case, rank: int, world: int, group):
                 h, w, target, shaping, group, return_stats=True, chunk_rows=case.chunk_rows
             )
         (loss * grad).sum().backward()
-        out[name] = (loss.detach(), stats, h.grad, w.grad)
+        stats = type(stats)(*(t.cpu() for t in stats))
+        out[name] = (loss.detach().cpu(), stats, h.grad.cpu(), w.grad.cpu())
     return out
 
 

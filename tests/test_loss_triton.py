@@ -67,7 +67,8 @@ interpreted = pytest.mark.skipif(
 )
 compiled_on_cuda = pytest.mark.skipif(
     not torch.cuda.is_available() or tk.INTERPRETED,
-    reason="needs a CUDA device" if not torch.cuda.is_available()
+    reason="needs a CUDA device"
+    if not torch.cuda.is_available()
     else "TRITON_INTERPRET=1: the kernels were not compiled",
 )
 
@@ -399,9 +400,22 @@ def _emulated_tp(z, x, cfg, tp, return_grad=True):
     for r, (buf, block, idx, marked) in enumerate(saved):
         grads.append(
             functional.shard_gradient_(
-                buf, torch.ones(n, device=z.device), block, idx, marked, x, valid, r * vp,
-                merged.shift, merged.tau, merged.stats.target_logprob, merged.w_pos,
-                merged.weight_sum, cfg, plan, out_dtype=z.dtype,
+                buf,
+                torch.ones(n, device=z.device),
+                block,
+                idx,
+                marked,
+                x,
+                valid,
+                r * vp,
+                merged.shift,
+                merged.tau,
+                merged.stats.target_logprob,
+                merged.w_pos,
+                merged.weight_sum,
+                cfg,
+                plan,
+                out_dtype=z.dtype,
             )  # fmt: skip
         )
     return merged.loss, merged.stats, torch.cat(grads, -1)
@@ -439,7 +453,6 @@ def test_cuda_kernels_match_reference(preset, dtype, shape):
         torch.testing.assert_close(
             getattr(stats, name), getattr(want_stats, name), rtol=1e-5, atol=2e-6
         )
-
 
 
 @pytest.mark.gpu
@@ -531,3 +544,70 @@ def test_trainer_loss_call_makes_no_host_synchronisation(triton_on_cpu, stats):
         loss.nan_to_num().sum().backward()
     assert flags.tolist() == [1.0, 0.0, 0.0]
     assert bool(loss[1, 2].isnan()) and (model.last_loss_stats is not None) == stats
+
+
+def _fused_call(device: str, dtype: torch.dtype, flags: torch.Tensor, stats: bool):
+    """The trainer's fused call (ShapedLossOutputProcessor with its input_flags) on a stand-in
+    output layer: hidden [s, b, h], labels [b, s] with one label outside the vocabulary."""
+    import types
+
+    from megatron_ext.models.output import ShapedLossOutputProcessor
+
+    g = torch.Generator().manual_seed(5)
+    hidden = (torch.randn(6, 2, 32, generator=g)).to(device, dtype).requires_grad_()
+    weight = torch.round(torch.randn(256, 32, generator=g) * 4).div(8)  # tied logits
+    weight = weight.to(device, dtype).requires_grad_()
+    labels = torch.randint(0, 256, (2, 6), generator=g).to(device)
+    labels[1, 2] = 300
+    labels[0, 0] = -100
+    layer = types.SimpleNamespace(sequence_parallel=False, tp_group=None, weight=weight, bias=None)
+    processor = ShapedLossOutputProcessor(
+        RewardShapingConfig.preset("tail_suppression"),
+        return_stats=stats,
+        check_finite=False,
+        input_flags=flags,
+        chunk_rows=5,
+    )
+    loss = processor(hidden_states=hidden, output_layer=layer, output_weight=None, labels=labels)
+    loss.nan_to_num().sum().backward()
+    return loss, processor
+
+
+@interpreted
+@pytest.mark.parametrize("stats", [False, True], ids=["plain-step", "logged-step"])
+def test_fused_output_call_makes_no_host_synchronisation(triton_on_cpu, stats):
+    """The trainer's default call, the fused output-layer loss (Triton kernels per chunk, the
+    chunk matmuls, one all-gather), makes no host read in forward or backward either."""
+    flags = torch.zeros(len(INPUT_FLAGS))
+    with no_host_sync_from():
+        loss, processor = _fused_call("cpu", torch.float32, flags, stats)
+    assert flags.tolist() == [1.0, 0.0, 0.0]
+    assert bool(loss[1, 2].isnan()) and (processor.last_stats is not None) == stats
+
+
+@pytest.mark.gpu
+@compiled_on_cuda
+def test_cuda_fused_output_call_makes_no_host_synchronisation():
+    for dtype in (torch.float32, torch.bfloat16):
+        flags = torch.zeros(len(INPUT_FLAGS), device="cuda")
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss, _ = _fused_call("cuda", dtype, flags, True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert flags.tolist() == [1.0, 0.0, 0.0] and bool(loss[1, 2].isnan())
+
+
+@pytest.mark.gpu
+@compiled_on_cuda
+def test_cuda_fused_output_matches_unfused():
+    """On CUDA (cuBLAS chunk matmuls, Triton per chunk) against the output layer's matmul and
+    the loss, every preset, fp32 and bf16, with the tolerances of tests/test_loss_output.py."""
+    from tests.test_loss_output import Case, check, run_both
+
+    for dtype in ("fp32", "bf16"):
+        for shaping in PRESETS:
+            for scenario in ("random", "ties"):
+                case = Case(scenario, shaping, dtype, positions=300, hidden=64, vocab=4096)
+                check(case, run_both(case, 0, 1, None, device="cuda"))

@@ -326,12 +326,12 @@ def _clear_comparison(args: argparse.Namespace) -> None:
 def _report(args: argparse.Namespace) -> int:
     from run_configs.report import write_report
 
-    runs: dict[str, str] = {}
-    for item in args.runs:
+    runs: dict[str, list[str]] = {}
+    for item in args.runs:  # a name given more than once: its runs are seeds
         name, sep, path = item.partition("=")
-        runs[name if sep else Path(item).name] = path if sep else item
+        runs.setdefault(name if sep else Path(item).name, []).append(path if sep else item)
     paths = write_report(runs, args.out)
-    print(paths.table)
+    print(paths.markdown.read_text())
     print(f"report: {paths.markdown}, {paths.plot}")
     return 0
 
@@ -441,7 +441,9 @@ def _parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_compare)
 
     r = sub.add_parser("report", help="table and plot from runs' metrics.jsonl")
-    r.add_argument("runs", nargs="+", metavar="[NAME=]RUN_DIR")
+    r.add_argument(
+        "runs", nargs="+", metavar="[NAME=]RUN_DIR", help="a NAME given more than once: its seeds"
+    )
     r.add_argument("--out", required=True)
     r.set_defaults(func=_report)
 

@@ -556,4 +556,5 @@ def test_report_from_metrics_files(tmp_path):
     mean_ce = sum(5.0 - 0.1 * s - 0.02 for s in range(11, 21)) / 10
     assert diversity[12].strip() == f"{math.exp(mean_ce):.2f}"
     assert paths.plot.read_bytes()[:4] == b"\x89PNG"
-    assert "![perplexity and entropy over steps](report.png)" in paths.markdown.read_text()
+    image = "![perplexity, entropy and tail mass over steps](report.png)"
+    assert image in paths.markdown.read_text()

@@ -1,5 +1,5 @@
 """The comparison report over seeds on synthetic metrics records (no training): the t quantiles,
-the intervals against hand-computed values, the entropy-ordering verdicts, one seed."""
+the intervals against hand-computed values, the entropy-ordering verdicts, one seed, --seeds 0."""
 
 from __future__ import annotations
 
@@ -236,3 +236,11 @@ def test_report_refuses_a_name_without_runs(tmp_path):
     with pytest.raises(ValueError, match="no runs given for ce"):
         write_report({"ce": []}, tmp_path)
 
+
+def test_compare_refuses_zero_seeds(tmp_path, capsys):
+    from run_configs.cli import main
+
+    assert main(["compare", "--seeds", "0", "--out", str(tmp_path / "cmp")]) == 2
+    err = capsys.readouterr().err
+    assert "error: --seeds 0: a comparison needs at least one seed per preset" in err
+    assert "pass --seeds 1" in err

@@ -33,6 +33,7 @@ __all__ = [
     "SeedSummary",
     "load_metrics",
     "markdown_table",
+    "metric_source",
     "over_seeds",
     "plot_runs",
     "seeds_table",
@@ -213,8 +214,8 @@ class SeedSummary:
 
 
 def metric_source(summaries: Iterable[RunSummary]) -> str:
-    """"val" when every run was validated, else "train": one source for every name, so that all
-    are compared on the same data."""
+    """Where the metrics over seeds come from: "val" when every run was validated, else "train"
+    (one source for every name, so that all are compared on the same data)."""
     return "val" if all(s.val for s in summaries) else "train"
 
 

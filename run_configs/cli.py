@@ -6,6 +6,7 @@
         --mount /lustre/data:/data --mount /lustre/results:/results --dryrun
     python -m run_configs midtrain --recipe dense_4b --preset precision --executor slurm ...
     python -m run_configs compare --data-dir outputs/main/corpus --out outputs/compare --steps 200
+    python -m run_configs compare --presets ce precision --seeds 3 --out outputs/compare3
     python -m run_configs report outputs/compare/ce outputs/compare/precision --out DIR
     python -m run_configs recipes
 
@@ -82,6 +83,12 @@ def _precheck(args: argparse.Namespace) -> None:
         ValueError: naming the option and the fix.
     """
     if args.command == "compare":
+        if args.seeds < 1:
+            raise ValueError(
+                f"--seeds {args.seeds}: a comparison needs at least one seed per preset; pass "
+                "--seeds 1 (each preset once, the default) or more (--seeds 3: a mean and a 95% "
+                "interval over seeds for every metric)"
+            )
         found = _earlier_comparison(args)
         if found and not args.overwrite and not args.dryrun:
             raise ValueError(
@@ -275,7 +282,7 @@ def _compare(args: argparse.Namespace) -> int:
     }
     executor = local_executor(args.nproc, gpu=False if args.device == "cpu" else None)
     if args.dryrun:
-        tasks = preset_tasks(out_dir=args.out, presets=args.presets, **kwargs)
+        tasks = preset_tasks(out_dir=args.out, presets=args.presets, seeds=args.seeds, **kwargs)
         result = dryrun(tasks, executor, name="preset_comparison")
         for job, script in result.scripts.items():
             print(f"--- {job} ---\n{script}")
@@ -284,6 +291,7 @@ def _compare(args: argparse.Namespace) -> int:
         out_dir=args.out,
         executor=executor,
         presets=args.presets,
+        seeds=args.seeds,
         tail_logs=args.tail_logs,
         **kwargs,
     )
@@ -326,12 +334,12 @@ def _clear_comparison(args: argparse.Namespace) -> None:
 def _report(args: argparse.Namespace) -> int:
     from run_configs.report import write_report
 
-    runs: dict[str, str] = {}
-    for item in args.runs:
+    runs: dict[str, list[str]] = {}
+    for item in args.runs:  # a name given more than once: its runs are seeds
         name, sep, path = item.partition("=")
-        runs[name if sep else Path(item).name] = path if sep else item
+        runs.setdefault(name if sep else Path(item).name, []).append(path if sep else item)
     paths = write_report(runs, args.out)
-    print(paths.table)
+    print(paths.markdown.read_text())
     print(f"report: {paths.markdown}, {paths.plot}")
     return 0
 
@@ -431,6 +439,13 @@ def _parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="remove an earlier comparison in --out first"
     )
     c.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS)
+    c.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="runs per preset, at the recipe's seed + 0, 1, ...; 2 or more: means and 95%% "
+        "intervals over seeds, the entropy-ordering verdicts (%(default)s)",
+    )
     c.add_argument("--steps", type=int, default=200)
     c.add_argument("--nproc", type=int, default=1)
     c.add_argument("--tp", type=int, default=1)
@@ -441,7 +456,9 @@ def _parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_compare)
 
     r = sub.add_parser("report", help="table and plot from runs' metrics.jsonl")
-    r.add_argument("runs", nargs="+", metavar="[NAME=]RUN_DIR")
+    r.add_argument(
+        "runs", nargs="+", metavar="[NAME=]RUN_DIR", help="a NAME given more than once: its seeds"
+    )
     r.add_argument("--out", required=True)
     r.set_defaults(func=_report)
 

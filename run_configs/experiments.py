@@ -3,7 +3,7 @@
 `launch` wraps a task in a `run.Experiment` (so the state of every job is known when it returns),
 `dryrun` materializes what would run without running it (the torchrun command line for a local
 executor, the sbatch script for Slurm) and `compare_presets` runs the tiny recipe once per loss
-preset, one after the other, then writes the comparison report (run_configs.report).
+preset and seed, one after the other, then writes the comparison report (run_configs.report).
 """
 
 from __future__ import annotations
@@ -25,10 +25,12 @@ __all__ = [
     "DryRun",
     "LaunchResult",
     "compare_presets",
+    "comparison_runs",
     "dryrun",
     "job_logs",
     "launch",
     "preset_tasks",
+    "seed_values",
 ]
 
 
@@ -155,22 +157,79 @@ _SHOWN_ENV = ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_MAX_CONNEC
 # -- the five loss presets side by side -----------------------------------------------------------
 
 
+def seed_values(seeds: int, base: int) -> list[int]:
+    """The recipe seeds of a comparison with `seeds` seeds per preset: base, base + 1, ...
+
+    Raises:
+        ValueError: seeds is not an int >= 1.
+    """
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(
+            f"seeds={seeds!r}: a comparison needs at least one seed per preset (1 runs each "
+            "preset once; 2 or more give intervals over seeds)"
+        )
+    return [base + i for i in range(seeds)]
+
+
+def comparison_runs(
+    *,
+    out_dir: str | Path,
+    presets: Sequence[str] = PRESETS,
+    seeds: int = 1,
+    recipe: Callable[..., fdl.Config] = tiny_pretrain,
+    **recipe_kwargs: Any,
+) -> dict[str, dict[int, tuple[Path, fdl.Config]]]:
+    """Every run of a comparison: preset -> recipe seed -> (run folder, its config).
+
+    With one seed a preset's run is out_dir/<preset>/ and uses the recipe's seed (`seed` in
+    recipe_kwargs, else the recipe's default); with N seeds the runs are
+    out_dir/<preset>/seed<S>/ for S = that seed + 0, 1, ..., N - 1. The seed sets the weight
+    initialisation; data, its order and the schedule are the same for every run.
+    """
+    unknown = [p for p in presets if p not in PRESETS]
+    if unknown:
+        raise ValueError(f"unknown preset(s) {unknown}; choose from {', '.join(PRESETS)}")
+    seed_values(seeds, 0)  # refuses a bad count before anything is built
+    out = Path(out_dir)
+    kwargs = {k: v for k, v in recipe_kwargs.items() if k != "seed"}
+    runs: dict[str, dict[int, tuple[Path, fdl.Config]]] = {}
+    for preset in presets:
+        base = recipe(preset=preset, out_dir=out / preset, **recipe_kwargs)
+        if seeds == 1:
+            runs[preset] = {base.seed: (out / preset, base)}
+            continue
+        runs[preset] = {
+            seed: (
+                out / preset / f"seed{seed}",
+                recipe(preset=preset, out_dir=out / preset / f"seed{seed}", seed=seed, **kwargs),
+            )
+            for seed in seed_values(seeds, base.seed)
+        }
+    return runs
+
+
+def _job_name(preset: str, seed: int, seeds: int) -> str:
+    return preset if seeds == 1 else f"{preset}-seed{seed}"
+
+
 def preset_tasks(
     *,
     out_dir: str | Path,
     presets: Sequence[str] = PRESETS,
+    seeds: int = 1,
     recipe: Callable[..., fdl.Config] = tiny_pretrain,
     **recipe_kwargs: Any,
 ) -> dict[str, run.Partial]:
-    """One pretrain task per loss preset, each writing to out_dir/<preset>/ (same seed, data and
-    schedule; only the loss differs)."""
-    unknown = [p for p in presets if p not in PRESETS]
-    if unknown:
-        raise ValueError(f"unknown preset(s) {unknown}; choose from {', '.join(PRESETS)}")
-    out = Path(out_dir)
+    """One pretrain task per loss preset and seed, named <preset> with one seed (writing to
+    out_dir/<preset>/) and <preset>-seed<S> with more (out_dir/<preset>/seed<S>/); the same
+    data and schedule everywhere, the same seed across presets (comparison_runs)."""
+    runs = comparison_runs(
+        out_dir=out_dir, presets=presets, seeds=seeds, recipe=recipe, **recipe_kwargs
+    )
     return {
-        preset: pretrain_task(recipe(preset=preset, out_dir=out / preset, **recipe_kwargs))
-        for preset in presets
+        _job_name(preset, seed, seeds): pretrain_task(config)
+        for preset, by_seed in runs.items()
+        for seed, (_, config) in by_seed.items()
     }
 
 
@@ -179,36 +238,44 @@ def compare_presets(
     out_dir: str | Path,
     executor: run.Executor,
     presets: Sequence[str] = PRESETS,
+    seeds: int = 1,
     title: str = "preset_comparison",
     tail_logs: bool = False,
     report: bool = True,
     **recipe_kwargs: Any,
 ) -> LaunchResult:
-    """Run the tiny recipe once per loss preset, sequentially, in one run.Experiment; then write
-    out_dir/report.md and out_dir/report.png (perplexity and entropy over steps).
+    """Run the tiny recipe once per loss preset and seed, sequentially, in one run.Experiment;
+    then write out_dir/report.md, report.png and report.json (run_configs.report: with several
+    seeds, every metric's mean and 95% interval over seeds and the entropy-ordering verdicts).
 
     Args:
-        out_dir: folder of the runs (out_dir/<preset>/checkpoints, logs/metrics.jsonl).
+        out_dir: folder of the runs (out_dir/<preset>/ with one seed, out_dir/<preset>/seed<S>/
+            with more; each with checkpoints/ and logs/metrics.jsonl).
         executor: where each run goes (e.g. local_executor(1) on a CPU).
         presets: which presets, in order.
+        seeds: runs per preset, at the recipe's seed + 0, 1, ..., seeds - 1.
         title: the experiment's name.
         tail_logs: stream every run's output.
         report: write the report when every run succeeded.
         **recipe_kwargs: passed to tiny_pretrain (data_dir, vocab_size, train_steps, ...).
     """
-    tasks = preset_tasks(out_dir=out_dir, presets=presets, **recipe_kwargs)
+    runs = comparison_runs(out_dir=out_dir, presets=presets, seeds=seeds, **recipe_kwargs)
     world = executor_world_size(executor)
-    for task in tasks.values():
-        check_world(task.config, world, check_environment=runs_here(executor))
+    for by_seed in runs.values():
+        for _, config in by_seed.values():
+            check_world(config, world, check_environment=runs_here(executor))
     with run.Experiment(title, executor=executor, log_level="WARN") as exp:
-        for preset, task in tasks.items():
-            exp.add(task, name=preset, tail_logs=tail_logs)
+        for preset, by_seed in runs.items():
+            for seed, (_, config) in by_seed.items():
+                name = _job_name(preset, seed, seeds)
+                exp.add(pretrain_task(config), name=name, tail_logs=tail_logs)
         exp.run(sequential=True, tail_logs=tail_logs)
     result = _result(exp)
     if report and result.succeeded:
         from run_configs.report import write_report
 
-        write_report({p: Path(out_dir) / p for p in presets}, Path(out_dir))
+        folders = {p: [folder for folder, _ in by_seed.values()] for p, by_seed in runs.items()}
+        write_report(folders, Path(out_dir))
     return result
 
 

@@ -213,12 +213,14 @@ def test_readme_commands_work_as_written(tmp_path):
 def _check_comparison(out: Path, steps: int) -> None:
     """The README's compare: one report row per preset, a plot, summaries, and runs that differ
     by their loss only (same data and seed: the same first-step CE)."""
-    table = (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "One seed per preset, so there is no interval over seeds" in report
+    table = report.split("## Runs\n", 1)[1]
     rows = [line for line in table.splitlines() if line.startswith("| `")]
     assert [r.split("|")[1].strip() for r in rows] == ["`ce`", "`precision`"]
     assert [r.split("|")[2].strip() for r in rows] == ["0", "-0.25"]
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    summaries = json.loads((out / "report.json").read_text())
+    summaries = json.loads((out / "report.json").read_text())["runs"]
     assert [s["steps"] for s in summaries] == [steps, steps]
     vocab = 8192  # data/default's
     for s in summaries:

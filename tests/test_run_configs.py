@@ -336,6 +336,29 @@ def test_local_dryrun_is_torchrun_with_nproc_ranks(tmp_path):
     assert "nemo_run.core.runners.fdl_runner" in torchrun
 
 
+def test_compare_with_seeds_offsets_the_recipe_seed_per_run(tmp_path):
+    """--seeds N: the recipe seed + 0..N-1, the same for every preset, each run in its own
+    folder; one seed keeps the runs at out/<preset>/ (as the existing layout test checks)."""
+    from run_configs.experiments import comparison_runs
+
+    presets = ("ce", "precision")
+    tasks = preset_tasks(out_dir=tmp_path / "cmp", presets=presets, seeds=3, data_dir=tmp_path)
+    assert list(tasks) == [f"{p}-seed{s}" for p in presets for s in (1234, 1235, 1236)]
+    for name, task in tasks.items():
+        preset, seed = name.split("-seed")
+        built = fdl.build(task.config)
+        assert built.seed == int(seed) and built.shaping == RewardShapingConfig.preset(preset)
+        assert built.logging.log_dir == str(tmp_path / "cmp" / preset / f"seed{seed}" / "logs")
+        assert built.data.seed == 1234  # the data order is the same for every seed
+    runs = comparison_runs(out_dir="cmp", presets=("ce",), seeds=2, data_dir=tmp_path, seed=7)
+    assert {s: str(folder) for s, (folder, _) in runs["ce"].items()} == {
+        7: "cmp/ce/seed7",
+        8: "cmp/ce/seed8",
+    }
+    with pytest.raises(ValueError, match="seeds=0: a comparison needs at least one seed"):
+        preset_tasks(out_dir=tmp_path, presets=presets, seeds=0, data_dir=tmp_path)
+
+
 def test_cli_dryrun_prints_the_resolved_run(tmp_path, capsys):
     env_home = str(tmp_path / "nr")
     cmd = [
@@ -556,4 +579,5 @@ def test_report_from_metrics_files(tmp_path):
     mean_ce = sum(5.0 - 0.1 * s - 0.02 for s in range(11, 21)) / 10
     assert diversity[12].strip() == f"{math.exp(mean_ce):.2f}"
     assert paths.plot.read_bytes()[:4] == b"\x89PNG"
-    assert "![perplexity and entropy over steps](report.png)" in paths.markdown.read_text()
+    image = "![perplexity, entropy and tail mass over steps](report.png)"
+    assert image in paths.markdown.read_text()

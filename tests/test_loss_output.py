@@ -18,6 +18,7 @@ fp32 and rounds once at the end where the unfused bf16 matmul rounds its own res
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -273,3 +274,89 @@ def test_gpt_model_fused_matches_unfused(pool2, layout):
             rtol = 1e-5 if not bf16 else 2**-6  # bf16: rounding of every layer's backward
             _close(grads_f[name], grad, rtol, f"{layout} rank {rank} {name}")
         assert grads_f["embedding.word_embeddings.weight"].abs().max() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The README's Megatron-LM example, with megatron-core's own GPTModel and schedule
+
+
+def _readme_example() -> str:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    return next(b for b in blocks if "output_processor=output_loss" in b)
+
+
+def worker_readme_example(code: str):
+    """Run the README's forward_step / loss_func through megatron-core's schedule on a plain
+    megatron-core GPTModel, with the CE preset, and the same model's own loss (megatron-core's
+    vocab_parallel_cross_entropy) without the output processor: reported losses and gradients."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_ext.core.cpu_compat import install_cpu_compat
+    from megatron_ext.core.parallel import model_parallel
+    from megatron_ext.models import model_preset, to_transformer_config
+    from megatron_ext.models.spec import decoder_block_spec
+
+    install_cpu_compat()
+    model_cfg = model_preset("tiny")
+    gen = torch.Generator().manual_seed(11)
+    b, s = 2, model_cfg.seq_length
+    batches = []
+    for _ in range(2):  # two micro-batches, Megatron-LM's get_batch convention
+        tokens = torch.randint(0, model_cfg.vocab_size, (b, s + 1), generator=gen)
+        loss_mask = torch.ones(b, s)
+        loss_mask[1, :9] = 0
+        positions = torch.arange(s).unsqueeze(0).expand(b, s)
+        batches.append((tokens[:, :-1], tokens[:, 1:], loss_mask, None, positions))
+    out = {}
+    for fused in (False, True):
+        namespace = {"get_batch": next}
+        exec(code, namespace)  # the README's block: output_loss, loss_func, forward_step
+        namespace["output_loss"].shaping = RewardShapingConfig.preset("ce")
+
+        def own_loss_step(data_iterator, model, ns=namespace):
+            tokens, labels, loss_mask, attention_mask, position_ids = next(data_iterator)
+            output = model(tokens, position_ids, attention_mask, labels=labels)
+            return output, ns["partial"](ns["loss_func"], loss_mask)
+
+        torch.manual_seed(0)
+        with model_parallel(2, seed=0):
+            tconfig = to_transformer_config(model_cfg, tensor_parallel=2)
+            model = GPTModel(
+                config=tconfig,
+                transformer_layer_spec=decoder_block_spec(model_cfg, tconfig),
+                vocab_size=model_cfg.padded_vocab_size(2),
+                max_sequence_length=s,
+                position_embedding_type="rope",
+            )
+            reports = get_forward_backward_func()(
+                forward_step_func=namespace["forward_step"] if fused else own_loss_step,
+                data_iterator=iter(batches),
+                model=[model],
+                num_microbatches=len(batches),
+                seq_length=s,
+                micro_batch_size=b,
+                forward_only=False,
+            )
+            out["fused" if fused else "own"] = (
+                torch.stack([r["lm loss"] for r in reports]),
+                {n: p.grad.clone() for n, p in model.named_parameters()},
+            )
+    return out
+
+
+def test_readme_megatron_lm_example_matches_the_models_own_loss(pool2):
+    """With the CE preset the README's forward_step gives what megatron-core's own loss gives:
+    the reported loss sums and token counts, and every parameter's gradient."""
+    code = _readme_example()
+    assert "def forward_step(data_iterator, model)" in code and "def loss_func" in code
+    for result in pool2.run(worker_readme_example, code):
+        own_reports, own_grads = result["own"]
+        reports, grads = result["fused"]
+        _close(reports, own_reports, LOSS_RTOL, "reported loss and tokens")
+        assert reports[:, 1].tolist() == [2 * 64 - 9] * 2  # the masked tokens do not count
+        for name, grad in own_grads.items():
+            _close(grads[name], grad, GRAD_RTOL["fp32"], name)

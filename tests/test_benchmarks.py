@@ -100,3 +100,16 @@ def test_bench_output_loss_prints_time_ratios_and_measures_memory():
     # The peak-memory measurement of one method (a fresh process per method in a full run).
     memory = json.loads(_run_tool("bench_output_loss.py", *size, "--_memory-of", "fused:ce"))
     assert memory["peak_bytes"] > 0 and memory["extra_bytes"] >= 0
+
+
+def test_gpu_check_report_takes_the_output_loss_table(tmp_path):
+    """The GPU check's one table: the output-loss benchmark's JSON brings its own lines, a
+    missing step is named."""
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "tools" / "bench_gpu.py")
+    bench_gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_gpu)
+    output = tmp_path / "output.json"
+    output.write_text(json.dumps({"kind": "output_loss", "markdown": ["| fused:ce | 1.0 |"]}))
+    text = bench_gpu.report([str(output), str(tmp_path / "train.json")])
+    assert "| fused:ce | 1.0 |" in text
+    assert "train.json: missing (that step failed or timed out)" in text

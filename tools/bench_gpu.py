@@ -393,7 +393,10 @@ def report(paths: list[str]) -> str:
             lines.append(f"GPU tests: {summary[-1] if summary else 'no pytest summary'}")
         else:
             data = json.loads(text)
-            lines += loss_table(data) if "vocab" in data else train_table(data)
+            if data.get("kind") == "output_loss":  # tools/bench_output_loss.py's own table
+                lines += data["markdown"]
+            else:
+                lines += loss_table(data) if "vocab" in data else train_table(data)
     return "\n".join(lines).lstrip("\n") + "\n"
 
 

@@ -4,8 +4,10 @@
 # downloads them elsewhere), run the GPU tests of the loss, the loss benchmark (V = 151,936, 8,192
 # positions, bf16, every preset against megatron-core's and torch's cross-entropy) and the
 # training benchmark (a ~100M dense model, sequence 2,048, every preset against megatron-core's
-# CE), and print one table, also written to $OUT/gpu_check.md when OUT is set. Under 8 minutes:
-# each step has its own time limit (install 60 s, tests 200 s, loss 100 s, training 150 s).
+# CE), the fused output-layer loss (8,192 positions, h = 1,024, bf16, against the output layer +
+# the loss and megatron-core's CE, and the tiny recipe's tokens/s fused vs unfused), and print one
+# table, also written to $OUT/gpu_check.md when OUT is set. Each step has its own time limit
+# (install 60 s, tests 200 s, loss 100 s, training 150 s, output 90 s); they take less.
 #
 #   bash tools/gpu_check.sh               # on the GPU machine
 #   bash tools/gpu_check.sh --cpu-smoke   # the same steps at tiny sizes on CPU (no install)
@@ -89,11 +91,17 @@ step loss 100 "$PY" tools/bench_gpu.py loss "${DEVICE[@]}" "${SIZE[@]}" "${SWEEP
     --json "$WORK/loss.json"
 step train 150 "$PY" tools/bench_gpu.py train "${DEVICE[@]}" "${TRAIN[@]}" \
     --json "$WORK/train.json"
+OUTPUT_SIZE=(--repeats 5)
+if [[ $SMOKE == 1 ]]; then
+    OUTPUT_SIZE=(--tokens 64 --vocab 4096 --hidden 32 --repeats 1 --no-memory --train-steps 2)
+fi
+step output 90 "$PY" tools/bench_output_loss.py "${DEVICE[@]}" "${OUTPUT_SIZE[@]}" --train \
+    --json "$WORK/output.json"
 
 echo
 echo "================================ GPU check ================================"
 "$PY" tools/bench_gpu.py report "$WORK/tests.txt" "$WORK/loss.json" "$WORK/train.json" \
-    --out "$WORK/gpu_check.md"
+    "$WORK/output.json" --out "$WORK/gpu_check.md"
 if [[ ${#failed[@]} != 0 ]]; then
     echo "failed steps: ${failed[*]}"
     exit 1

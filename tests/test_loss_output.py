@@ -11,8 +11,9 @@ to their largest element (the fused path sums dz^T h over chunks where the singl
 over all positions at once: a different fp32 summation order, ~1e-7 relative per element; a
 relative bound per element would be meaningless where the sums cancel). bf16: the logits are
 the same bf16 values, so the loss keeps 1e-6; the gradients come back in bf16 and may differ by
-one bf16 rounding (2**-8 relative), because the fused path accumulates the weight gradient in
-fp32 and rounds once at the end where the unfused bf16 matmul rounds its own result.
+two bf16 roundings (2**-7 relative): the fused path accumulates the weight gradient in fp32 and
+rounds once at the end where the unfused bf16 matmul rounds its own result, and "precompute"
+rounds dz for an upstream gradient of 1 where the unfused path rounds it after the scaling.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from megatron_ext.loss.vocab_parallel import INPUT_FLAGS
 
 LOSS_RTOL = 1e-6
 STATS_RTOL = 1e-5
-GRAD_RTOL = {"fp32": 1e-5, "bf16": 2**-8}
+GRAD_RTOL = {"fp32": 1e-5, "bf16": 2**-7}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PRESETS = RewardShapingConfig.PRESET_NAMES
 
@@ -47,6 +48,7 @@ class Case:
     hidden: int = 24
     vocab: int = 256
     chunk_rows: int | None = 8  # several chunks and a shorter last one
+    gradient: str = "precompute"
     seed: int = 0
 
 
@@ -64,7 +66,10 @@ def make_inputs(case: Case):
         hidden = hidden * 20  # p(x) near 1 or 0 at many positions
     target = torch.randint(0, v, (n,), generator=gen)
     target[1] = target[-2] = -100  # ignored positions
-    grad = torch.rand(n, generator=gen) + 0.5
+    if case.gradient == "precompute":  # what megatron's loss functions send: one scalar
+        grad = torch.full((n,), 0.7)
+    else:  # any upstream gradient
+        grad = torch.rand(n, generator=gen) + 0.5
     return hidden.to(DTYPES[case.dtype]), weight.to(DTYPES[case.dtype]), target, grad
 
 
@@ -86,7 +91,14 @@ def run_both(case: Case, rank: int, world: int, group, device: str = "cpu"):
             )
         else:
             loss, stats = fused_output_shaped_cross_entropy(
-                h, w, target, shaping, group, return_stats=True, chunk_rows=case.chunk_rows
+                h,
+                w,
+                target,
+                shaping,
+                group,
+                return_stats=True,
+                chunk_rows=case.chunk_rows,
+                gradient=case.gradient,
             )
         (loss * grad).sum().backward()
         stats = type(stats)(*(t.cpu() for t in stats))
@@ -132,6 +144,11 @@ def cases_for(tp: int) -> list[Case]:
         Case("ties", "head_preservation", chunk_rows=1, positions=9, seed=51),
         Case("ties", "tail_suppression", vocab=128, seed=52),  # k = 100 > V/tp at TP >= 2
     ]
+    # The other gradient strategy, under any upstream gradient.
+    for scenario in ("random", "ties"):
+        for dtype in ("fp32", "bf16"):
+            for shaping in ("precision", "tail_suppression"):
+                cases.append(Case(scenario, shaping, dtype, gradient="recompute", seed=len(cases)))
     return cases
 
 
@@ -360,3 +377,30 @@ def test_readme_megatron_lm_example_matches_the_models_own_loss(pool2):
         assert reports[:, 1].tolist() == [2 * 64 - 9] * 2  # the masked tokens do not count
         for name, grad in own_grads.items():
             _close(grads[name], grad, GRAD_RTOL["fp32"], name)
+
+
+def test_precompute_refuses_a_per_position_upstream_gradient():
+    """The precomputed weight gradient holds for one upstream gradient at every counted
+    position; a per-position weighting raises (or, without host synchronisation, gives a NaN
+    weight gradient, never a wrong one). The hidden states' gradient is exact either way."""
+    hidden, weight, target, _ = make_inputs(Case("random", "precision"))
+    shaping = RewardShapingConfig.preset("precision")
+    weights = torch.linspace(0.5, 1.5, hidden.shape[0])
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = fused_output_shaped_cross_entropy(h, w, target, shaping, None)
+    with pytest.raises(ValueError, match=r"got values from 0\.5.* pass gradient='recompute'"):
+        (loss * weights).sum().backward()
+    flags = torch.zeros(len(INPUT_FLAGS))
+    loss = fused_output_shaped_cross_entropy(h, w, target, shaping, None, input_flags=flags)
+    (loss * weights).sum().backward()
+    assert w.grad.isnan().all() and h.grad.isfinite().all()
+    want = hidden.clone().requires_grad_()
+    (
+        vocab_parallel_shaped_cross_entropy(want @ weight.t(), target, shaping, None) * weights
+    ).sum().backward()
+    _close(h.grad, want.grad, GRAD_RTOL["fp32"], "d hidden")
+    # Ignored positions may carry any upstream gradient (theirs is zero anyway).
+    h.grad = w.grad = None
+    loss = fused_output_shaped_cross_entropy(h, w, target, shaping, None)
+    (loss * torch.where(target == -100, 5.0, 1.0)).sum().backward()
+    assert w.grad.isfinite().all()

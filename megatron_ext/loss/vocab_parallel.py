@@ -60,9 +60,13 @@ def _non_finite_kinds(block: torch.Tensor) -> list[str]:
     return []
 
 
-def _raise_bad_input(merged, gathered, target, vocab_size, ignore_index, check_finite) -> bool:
+def _raise_bad_input(
+    merged, gathered, target, vocab_size, ignore_index, check_finite, first_position=0
+) -> bool:
     """Every rank sees the same merged flags, so every rank raises: no peer is left waiting.
-    Reads the flags with one host synchronisation; returns whether some logit is non-finite."""
+    Reads the flags with one host synchronisation; returns whether some logit is non-finite.
+    first_position: the flat position of the first row (a chunk of a longer call)."""
+    where = f" from position {first_position}" if first_position else ""
     any_bad_target, any_non_finite, unequal_slices = (v > 0 for v in merged.flags.tolist())
     if unequal_slices:
         sizes = [int(v) for v in gathered[:, 0, -1]]
@@ -79,17 +83,17 @@ def _raise_bad_input(merged, gathered, target, vocab_size, ignore_index, check_f
             if (kinds := _non_finite_kinds(gathered[r, pos]))
         ]
         raise ValueError(
-            f"non-finite logits at flat position {pos} ({affected.numel()} of "
-            f"{merged.non_finite.numel()} positions affected; {', '.join(holders)}); the loss "
-            "needs finite logits"
+            f"non-finite logits at flat position {first_position + pos} ({affected.numel()} of "
+            f"{merged.non_finite.numel()} positions{where} affected; {', '.join(holders)}); the "
+            "loss needs finite logits"
         )
     if any_bad_target:
         affected = merged.bad_target.nonzero().squeeze(1)
         pos = int(affected[0])
         raise ValueError(
-            f"target id {int(target[pos])} at flat position {pos} is outside the vocabulary "
-            f"[0, {vocab_size}) and is not ignore_index={ignore_index} "
-            f"({affected.numel()} positions affected)"
+            f"target id {int(target[pos])} at flat position {first_position + pos} is outside "
+            f"the vocabulary [0, {vocab_size}) and is not ignore_index={ignore_index} "
+            f"({affected.numel()} positions{where} affected)"
         )
     return any_non_finite
 
@@ -128,15 +132,17 @@ def gather_and_merge(
     ignore_index: int,
     check_finite: bool,
     input_flags: torch.Tensor | None,
+    first_position: int = 0,
 ) -> MergedStatistics:
     """The loss's one collective and what follows it: all-gather this slice's statistics
     [N, kk + 6], merge them, and deal with bad input (raise on every rank alike, or, with
-    input_flags, count it on the device and give those positions a NaN loss)."""
+    input_flags, count it on the device and give those positions a NaN loss). first_position:
+    the flat position of the first row, for the messages (a chunk of a longer call)."""
     gathered = _all_gather_rows(block, tp_group)  # [tp, N, kk + 6]
     merged = merge_statistics(gathered, valid, config, plan, vocab_size)
     if input_flags is None:
         any_non_finite = _raise_bad_input(
-            merged, gathered, target, vocab_size, ignore_index, check_finite
+            merged, gathered, target, vocab_size, ignore_index, check_finite, first_position
         )
         if not check_finite and any_non_finite:
             # The caller detects non-finite losses itself (the trainer skips or stops the

@@ -46,7 +46,16 @@ class ShapedLossOutputProcessor:
             left in `last_stats` ([b, s] detached tensors), None otherwise.
         check_finite / input_flags: as in vocab_parallel_shaped_cross_entropy (input_flags: no
             host synchronisation; bad input is counted on the device instead of raising).
-        chunk_rows: positions per chunk of logits (None: the device's element budget).
+        chunk_rows: positions per chunk of logits (None: loss.output.chunk_rows_for).
+        gradient: "precompute" (the gradients in the forward, scaled in the backward: needs the
+            same upstream gradient at every counted position, as megatron's loss functions
+            give) or "recompute" (the logits again in the backward, any upstream gradient, one
+            matmul more); see loss/output.py.
+
+    Positions where the model's `loss_mask` (when the caller passes it to the model) is 0 are
+    ignored like ignore_index labels: loss 0, no gradient. Pass it with "precompute" when your
+    labels there are real tokens (Megatron-LM's convention), so that the upstream gradient,
+    loss * loss_mask, is the same at every counted position.
     """
 
     def __init__(
@@ -58,6 +67,7 @@ class ShapedLossOutputProcessor:
         check_finite: bool = True,
         input_flags: Tensor | None = None,
         chunk_rows: int | None = None,
+        gradient: str = "precompute",
     ) -> None:
         self.shaping = shaping if shaping is not None else RewardShapingConfig()
         self.ignore_index = ignore_index
@@ -65,6 +75,7 @@ class ShapedLossOutputProcessor:
         self.check_finite = check_finite
         self.input_flags = input_flags
         self.chunk_rows = chunk_rows
+        self.gradient = gradient
         self.last_stats: ShapedLossStats | None = None
 
     def __call__(
@@ -74,6 +85,7 @@ class ShapedLossOutputProcessor:
         output_layer: torch.nn.Module,
         output_weight: Tensor | None,
         labels: Tensor | None,
+        loss_mask: Tensor | None = None,
         runtime_gather_output: bool | None = None,
         compute_language_model_loss=None,
         scale_logits=None,
@@ -108,6 +120,8 @@ class ShapedLossOutputProcessor:
             # Identity; the backward all-reduces the gradient over the vocabulary slices.
             hidden_states = copy_to_tensor_model_parallel_region(hidden_states, group=tp_group)
         s, b, h = hidden_states.shape
+        if loss_mask is not None:  # masked positions count as ignored (loss 0, no gradient)
+            labels = labels.masked_fill(loss_mask == 0, self.ignore_index)
         target = labels.transpose(0, 1).reshape(s * b)  # [b, s] -> [s * b]
         out = fused_output_shaped_cross_entropy(
             hidden_states.reshape(s * b, h),  # [s * b, h]
@@ -120,6 +134,7 @@ class ShapedLossOutputProcessor:
             check_finite=self.check_finite,
             input_flags=self.input_flags,
             chunk_rows=self.chunk_rows,
+            gradient=self.gradient,
         )
         loss = out[0] if self.return_stats else out
 

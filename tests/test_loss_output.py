@@ -404,3 +404,8 @@ def test_precompute_refuses_a_per_position_upstream_gradient():
     loss = fused_output_shaped_cross_entropy(h, w, target, shaping, None)
     (loss * torch.where(target == -100, 5.0, 1.0)).sum().backward()
     assert w.grad.isfinite().all()
+    # One backward per forward: a second one (retain_graph) says so instead of returning nothing.
+    loss = fused_output_shaped_cross_entropy(h, w, target, shaping, None)
+    loss.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        loss.sum().backward()

@@ -99,19 +99,24 @@ class _ChunkBuffers:
         return torch.matmul(h, weight.t(), out=self.low[:c]), out
 
 
-def _add_weight_grad(acc: torch.Tensor, dz: torch.Tensor, h: torch.Tensor) -> None:
-    """acc [Vp, h] fp32 += dz^T h, accumulated in fp32: on CUDA a bf16 matmul with fp32 output,
-    elsewhere (no such matmul) in fp32."""
-    if dz.dtype == torch.float32:
-        acc.addmm_(dz.t(), h)
-        return
-    if dz.is_cuda:
+def _add_weight_grad(acc: torch.Tensor, dz: torch.Tensor, h: torch.Tensor, first: bool) -> None:
+    """acc [Vp, h] fp32 += dz^T h (acc = dz^T h for the first chunk: acc is not zeroed first),
+    accumulated in fp32: on CUDA a bf16 matmul with fp32 output, elsewhere (no such matmul) in
+    fp32."""
+    if dz.dtype != torch.float32 and dz.is_cuda:
         try:
-            acc.add_(torch.mm(dz.t(), h, out_dtype=torch.float32))
-            return
+            product = torch.mm(dz.t(), h, out_dtype=torch.float32)
         except TypeError:  # a torch without out_dtype (before 2.8)
-            pass
-    acc.addmm_(dz.t().float(), h.float())
+            product = None
+        if product is not None:
+            acc.copy_(product) if first else acc.add_(product)
+            return
+    if dz.dtype != torch.float32:
+        dz, h = dz.float(), h.float()
+    if first:
+        torch.mm(dz.t(), h, out=acc)
+    else:
+        acc.addmm_(dz.t(), h)
 
 
 def _uses_main_grad(weight: torch.Tensor) -> bool:
@@ -187,6 +192,7 @@ class _FusedOutputShapedCrossEntropy(torch.autograd.Function):
         ctx.vocab_size, ctx.gradient, ctx.weight_dtype = vocab_size, gradient, weight.dtype
         ctx.weight = weight if _uses_main_grad(weight) else None
         ctx.check_uniform = input_flags is None
+        ctx.consumed = False
         buffers = _ChunkBuffers(min(rows, n), weight)
 
         if gradient == "precompute":
@@ -197,7 +203,7 @@ class _FusedOutputShapedCrossEntropy(torch.autograd.Function):
             stats = [torch.empty_like(loss) for _ in ShapedLossStats._fields]
             ctx.grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
             ctx.grad_weight = (
-                torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
                 if ctx.needs_input_grad[1]
                 else None
             )
@@ -247,29 +253,41 @@ class _FusedOutputShapedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *unused_stat_grads):
         grad_loss = grad_loss.float().contiguous()
+        scale = None
         if ctx.gradient == "precompute":
+            if ctx.consumed:
+                raise RuntimeError(
+                    "the fused loss's precomputed gradients serve one backward per forward "
+                    "(retain_graph); use gradient='recompute' to backpropagate twice"
+                )
+            ctx.consumed = True
             (valid,) = ctx.saved_tensors
             grad_hidden, grad_weight = ctx.grad_hidden, ctx.grad_weight
+            ctx.grad_hidden = ctx.grad_weight = None
             if grad_hidden is not None:
                 # Exact for any upstream gradient: row r of dhidden is linear in grad_loss[r].
                 grad_hidden = (grad_loss.unsqueeze(1) * grad_hidden).to(grad_hidden.dtype)
             if grad_weight is not None:
-                grad_weight = grad_weight * _uniform_scale(grad_loss, valid, ctx.check_uniform)
+                scale = _uniform_scale(grad_loss, valid, ctx.check_uniform)  # 0-dim
         else:
             grad_hidden, grad_weight = _recompute_gradients(ctx, grad_loss)
         if grad_weight is not None and ctx.weight is not None:
             # megatron DDP: fp32 straight into the gradient buffer; autograd gets a placeholder
             # that the DDP hook drops (or adds, zeros, for a weight shared with the embedding).
             param = ctx.weight
-            param.main_grad.add_(grad_weight)
+            if scale is None:
+                param.main_grad.add_(grad_weight)
+            else:
+                param.main_grad.addcmul_(grad_weight, scale)
             param.grad_added_to_main_grad = True
             if getattr(param, "zero_out_wgrad", False):
                 grad_weight = torch.zeros_like(param)
             else:
                 grad_weight = torch.empty_like(param)
         elif grad_weight is not None:
+            if scale is not None:
+                grad_weight.mul_(scale)
             grad_weight = grad_weight.to(ctx.weight_dtype)
-        ctx.grad_hidden = ctx.grad_weight = None
         return grad_hidden, grad_weight, *([None] * 9)
 
 
@@ -318,11 +336,12 @@ def _chunk_gradient(
 
 
 def _multiply_out(dz, h, weight, grad_hidden, grad_weight, r0: int) -> None:
-    """A chunk's share of the gradients: dhidden[r0 : r0 + c] = dz W, dweight += dz^T h."""
+    """A chunk's share of the gradients: dhidden[r0 : r0 + c] = dz W, dweight += dz^T h (the
+    chunk at r0 = 0 writes dweight: it need not be zeroed)."""
     if grad_hidden is not None:
         torch.matmul(dz, weight, out=grad_hidden[r0 : r0 + dz.shape[0]])
     if grad_weight is not None:
-        _add_weight_grad(grad_weight, dz, h)
+        _add_weight_grad(grad_weight, dz, h, first=r0 == 0)
 
 
 def _uniform_scale(grad_loss: torch.Tensor, valid: torch.Tensor, check: bool) -> torch.Tensor:
@@ -356,7 +375,7 @@ def _recompute_gradients(ctx, grad_loss: torch.Tensor):
     rows = ctx.rows
     grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
     grad_weight = (
-        torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
         if ctx.needs_input_grad[1]
         else None
     )

@@ -9,11 +9,14 @@ import torch
 from tests._workers_export import _parallel
 
 
-def imported_logits(checkpoint_root: str, input_ids: torch.Tensor, tp: int, pp: int) -> Any:
-    """Build megatron_ext's model at TP=tp, PP=pp from the run configuration of an imported
-    checkpoint, load it with megatron-core's own dist_checkpointing.load (which reshards), and run
-    the batch through the pipeline schedule. Returns the full fp32 logits [b, s, padded_v] on the
-    last stage's first tensor-parallel rank, None elsewhere."""
+def imported_logits(
+    checkpoint_root: str, input_ids: torch.Tensor, tp: int, pp: int, ep: int = 1
+) -> Any:
+    """Build megatron_ext's model at TP=tp, PP=pp, EP=ep from the run configuration of an
+    imported checkpoint, load it with megatron-core's own dist_checkpointing.load (which
+    reshards), and run the batch through the pipeline schedule (every data-parallel rank the
+    same batch). Returns the full fp32 logits [b, s, padded_v] on the last stage's first
+    tensor-parallel ranks, None elsewhere."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing, parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -24,8 +27,10 @@ def imported_logits(checkpoint_root: str, input_ids: torch.Tensor, tp: int, pp: 
     checkpoint = resolve_training_checkpoint(checkpoint_root)
     model_config = ModelConfig(**training_run_config(checkpoint)["model"])
     b, s = input_ids.shape
-    with _parallel(tp, pp):
-        config = to_transformer_config(model_config, tensor_parallel=tp, pipeline_parallel=pp)
+    with _parallel(tp, pp, ep):
+        config = to_transformer_config(
+            model_config, tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep
+        )
         model = build_model(model_config, config)
         metadata = {
             "singleton_local_shards": False,

@@ -14,6 +14,7 @@ memory of an 8-shard import stays below twice its largest shard plus one layer.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -176,6 +177,53 @@ def test_imported_checkpoint_matches_transformers_at_tp2_pp2(pool4, hf_dense, im
     print(f"max |logit diff| megatron TP=2 x PP=2 vs transformers = {diff:.3g}")
     assert diff < LOGIT_TOL
     assert torch.equal(logits[..., VOCAB:], torch.zeros_like(logits[..., VOCAB:]))  # zero rows
+
+
+def test_qwen3_moe_import_matches_transformers_at_pp2_ep2(pool4, tmp_path):
+    """Qwen3-MoE: router and per-expert weights (transformers 5 fuses experts in memory and
+    writes one tensor per expert and projection). Imported padded for TP=2 (512 rows), loaded
+    at PP=2 x EP=2 (data parallel 2, TP=1: 384 rows; the trainer's layouts on gloo)."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config = Qwen3MoeConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+        num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=64,
+        rope_theta=1e6, eos_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(2)
+    hf_model = Qwen3MoeForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in hf_model.named_parameters():
+            if "norm" in name:
+                param.add_(0.3 * torch.randn_like(param))
+            elif "experts" in name:  # transformers initialises the fused experts to zeros
+                param.normal_(0.0, 0.05)
+    hf_model.save_pretrained(tmp_path / "hf", max_shard_size="50KB")
+    out = import_hf_model(tmp_path / "hf", tmp_path / "ckpt", tensor_parallel=2,
+                          expert_parallel=2, progress=False)  # fmt: skip
+    assert ModelConfig(**json.loads((out / "config.json").read_text())["model"]).num_experts == 4
+    input_ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = hf_model(input_ids).logits  # [b, s, v]
+    results = pool4.run(imported_logits, str(out), input_ids, 1, 2, 2)
+    assert [r is None for r in results] == [True, True, False, False]  # last stage: ranks 2, 3
+    for logits in results[2:]:
+        assert logits.shape == (2, 16, 384)
+        diff = (logits[..., :VOCAB] - expected).abs().max().item()
+        print(f"max |logit diff| megatron MoE PP=2 x EP=2 vs transformers = {diff:.3g}")
+        assert diff < LOGIT_TOL
+    # MoE layouts models.ModelConfig cannot describe are refused, naming the field.
+    from megatron_ext.export import UnsupportedArchitectureError
+
+    for fields, message in (
+        ({"norm_topk_prob": False}, "norm_topk_prob=false: megatron_ext's router renormalises"),
+        ({"mlp_only_layers": [0]}, "mlp_only_layers=[0]: megatron_ext's MoE models have experts"),
+    ):
+        path = tmp_path / "hf" / "config.json"
+        path.write_text(json.dumps(config.to_dict() | fields))
+        with pytest.raises(UnsupportedArchitectureError, match=re.escape(message)):
+            read_hf_model(tmp_path / "hf")
 
 
 def test_checkpoint_files_and_run_config(hf_dense, imported):

@@ -90,12 +90,9 @@ def model_layout(
         apply_factories,
     )
 
-    from megatron_ext.core.cpu_compat import install_cpu_compat
     from megatron_ext.core.parallel import model_parallel
     from megatron_ext.models import build_model, to_transformer_config
 
-    if not torch.cuda.is_available():
-        install_cpu_compat()
     # build_model pads for the config's TP size (1 here): this multiple gives the padding of
     # `tensor_parallel` (ModelConfig.padded_vocab_size); the other shapes do not depend on TP.
     padded = dataclasses.replace(
@@ -104,6 +101,10 @@ def model_layout(
     with _single_process_group(), model_parallel(1, 1, 1):
         config = to_transformer_config(padded)
         config.use_cpu_initialization = True  # allocate with torch's default device: meta
+        if config.num_moe_experts:
+            # The all-to-all dispatcher opens a CUDA stream when built; the dispatcher holds no
+            # weights, so the sharded keys are the same with this one (and no GPU is needed).
+            config.moe_token_dispatcher_type = "allgather"
         with torch.device("meta"):
             gpt = build_model(padded, config)
         metadata = {

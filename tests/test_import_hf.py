@@ -314,6 +314,22 @@ def _remove_shard(directory: Path) -> tuple[list[str], str]:
     return [], f"names shard files that are missing: {shard.name} ({count} tensors); download"
 
 
+def _add_bias(directory: Path) -> tuple[list[str], str]:
+    """A q_proj bias in a shard of its own, named in the index (as a Qwen2 checkpoint has)."""
+    from safetensors.torch import save_file
+
+    bias = {"model.layers.0.self_attn.q_proj.bias": torch.zeros(128)}
+    save_file(bias, directory / "extra.safetensors")
+    path = directory / "model.safetensors.index.json"
+    index = json.loads(path.read_text())
+    index["weight_map"]["model.layers.0.self_attn.q_proj.bias"] = "extra.safetensors"
+    path.write_text(json.dumps(index))
+    return [], (
+        "hold 1 tensor (model.layers.0.self_attn.q_proj.bias) that the Qwen3 key map does not "
+        "know (megatron_ext's model has no place for them"
+    )
+
+
 ERRORS = {
     "model-type": _config_edit(
         "model_type=\"llama\"; the importer reads 'qwen3' (Qwen3ForCausalLM), 'qwen3_moe' "
@@ -338,6 +354,7 @@ ERRORS = {
         attention_bias=True,
     ),
     "missing-shard": _remove_shard,
+    "unknown-tensor": _add_bias,
     "truncated-shard": _truncate_shard,
     "tokenizer-too-large": _config_edit(
         "the tokenizer in '{dir}' has 300 tokens but {dir}/config.json has vocab_size=299: ids "

@@ -3,7 +3,8 @@
 A checkpoint root (CheckpointConfig.save_dir) holds one megatron-core dist checkpoint per saved
 step, `iter_0000042/`, and a `latest` text file with the step of the newest complete one. Saves
 stage into `iter_0000042.tmp/` and move a re-saved step aside as `iter_0000042.old/` while its
-replacement is published (megatron_ext.training.checkpoint).
+replacement is published (megatron_ext.training.checkpoint). The run's configuration lies beside
+them in `config.json` (written by training.start, and by export.import_hf for an imported model).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 __all__ = [
     "LATEST",
     "OLD_SUFFIX",
+    "RUN_CONFIG",
     "TMP_SUFFIX",
     "CheckpointError",
     "checkpoint_dir",
@@ -33,6 +35,8 @@ TMP_SUFFIX = ".tmp"
 """Suffix of a checkpoint folder being written."""
 OLD_SUFFIX = ".old"
 """Suffix of a checkpoint folder moved aside while the same step is saved again."""
+RUN_CONFIG = "config.json"
+"""The run's configuration (training.config.config_to_dict's plain values, or a part of them)."""
 
 
 class CheckpointError(RuntimeError):

@@ -7,6 +7,11 @@ TP/PP/EP layout into that full state dict. `export_training_checkpoint` does bot
 checkpoints of megatron_ext.training, reading the architecture from the run configuration they
 store. The key map lives in `megatron_ext.export.key_map`; the CLI is tools/export_hf.py.
 
+The other direction: `import_hf_model` turns a Hugging Face Qwen3 / Qwen3-MoE directory into a
+checkpoint root that the trainer starts from (CheckpointConfig.init_from) and the exporter reads,
+through the same key map (`read_hf_model` checks the directory first); the CLI is
+tools/import_hf.py.
+
 The names below are imported on first use: importing this package (or its standard-library-only
 modules `arch` and `preflight`) does not import torch, so a command line can check its arguments
 first.
@@ -38,11 +43,14 @@ if TYPE_CHECKING:
         arch_from_training_checkpoint,
         export_training_checkpoint,
     )
+    from megatron_ext.export.hf_source import HfModel, read_hf_model
+    from megatron_ext.export.import_hf import import_hf_model
     from megatron_ext.export.key_map import KEY_MAP, plan_keys
 
 _MODULES = {
     "KEY_MAP": "key_map",
     "ExportArch": "arch",
+    "HfModel": "hf_source",
     "IncompleteCheckpointError": "convert",
     "UnsupportedArchitectureError": "arch",
     "arch_from_gpt_model": "arch",
@@ -52,10 +60,12 @@ _MODULES = {
     "export_checkpoint": "checkpoint",
     "export_state_dict": "convert",
     "export_training_checkpoint": "from_training",
+    "import_hf_model": "import_hf",
     "iter_hf_tensors": "convert",
     "load_full_model_tensors": "checkpoint",
     "moe_layer_pattern": "arch",
     "plan_keys": "key_map",
+    "read_hf_model": "hf_source",
     "resolve_keys": "convert",
 }
 """Public name -> the submodule that defines it."""
@@ -63,6 +73,7 @@ _MODULES = {
 __all__ = [
     "KEY_MAP",
     "ExportArch",
+    "HfModel",
     "IncompleteCheckpointError",
     "UnsupportedArchitectureError",
     "arch_from_gpt_model",
@@ -72,10 +83,12 @@ __all__ = [
     "export_checkpoint",
     "export_state_dict",
     "export_training_checkpoint",
+    "import_hf_model",
     "iter_hf_tensors",
     "load_full_model_tensors",
     "moe_layer_pattern",
     "plan_keys",
+    "read_hf_model",
     "resolve_keys",
 ]
 __getattr__, __dir__ = lazy_exports(__name__, _MODULES, globals())

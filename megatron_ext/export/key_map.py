@@ -1,8 +1,9 @@
 """The one key map from megatron-core GPTModel names to Hugging Face Qwen3 / Qwen3-MoE names.
 
 `KEY_MAP` is the whole mapping: one row per megatron tensor, with the Hugging Face tensor(s) it
-becomes and the transform between them. `plan_keys(arch)` expands it for one model (layer and
-expert indices filled in); nothing else in the exporter knows a parameter name.
+becomes and the transform between them; `INVERSES` holds the way back of every transform (the
+importer's). `plan_keys(arch)` expands it for one model (layer and expert indices filled in);
+nothing else in the exporter or the importer knows a parameter name.
 
 Megatron names are those of `GPTModel.state_dict()` for a TP=1, PP=1, EP=1 model. The local layer
 spec and the Transformer Engine spec differ only in where the pre-norms live; the TE names (and the
@@ -28,10 +29,11 @@ import torch
 
 from megatron_ext.export.arch import ExportArch
 
-__all__ = ["IGNORED_SUFFIXES", "KEY_MAP", "KeyRule", "PlannedKey", "plan_keys"]
+__all__ = ["IGNORED_SUFFIXES", "INVERSES", "KEY_MAP", "KeyRule", "PlannedKey", "plan_keys"]
 
 Scope = Literal["model", "untied", "layer", "dense", "moe", "expert"]
 Transform = Callable[[torch.Tensor, ExportArch], tuple[torch.Tensor, ...]]
+Merge = Callable[[tuple[torch.Tensor, ...], ExportArch], torch.Tensor]
 
 
 def identity(t: torch.Tensor, arch: ExportArch) -> tuple[torch.Tensor, ...]:
@@ -65,6 +67,45 @@ def split_gate_up(t: torch.Tensor, arch: ExportArch) -> tuple[torch.Tensor, ...]
     """
     gate, up = t.chunk(2, dim=0)  # [ffn, h] each
     return gate, up
+
+
+def only(ts: tuple[torch.Tensor, ...], arch: ExportArch) -> torch.Tensor:
+    """The inverse of `identity`: the one tensor."""
+    (t,) = ts
+    return t
+
+
+def pad_vocab(ts: tuple[torch.Tensor, ...], arch: ExportArch) -> torch.Tensor:
+    """The inverse of `strip_vocab_padding`: [vocab, h] -> [padded_vocab, h], the padding rows 0."""
+    (t,) = ts
+    out = t.new_zeros(arch.padded_vocab_size, t.shape[1])  # [pv, h]
+    out[: arch.vocab_size] = t
+    return out
+
+
+def fuse_qkv(ts: tuple[torch.Tensor, ...], arch: ExportArch) -> torch.Tensor:
+    """The inverse of `split_qkv`: q, k and v projections -> megatron's QKV, per query group."""
+    q, k, v = ts
+    ng, hpg, d, h = arch.num_query_groups, arch.heads_per_group, arch.head_dim, arch.hidden_size
+    grouped = torch.cat(
+        [q.reshape(ng, hpg, d, h), k.reshape(ng, 1, d, h), v.reshape(ng, 1, d, h)], dim=1
+    )  # [ng, hpg + 2, d, h]
+    return grouped.reshape(ng * (hpg + 2) * d, h)  # [(nh + 2*ng)*d, h]
+
+
+def fuse_gate_up(ts: tuple[torch.Tensor, ...], arch: ExportArch) -> torch.Tensor:
+    """The inverse of `split_gate_up`: gate and up ([ffn, h] each) -> [gate; up] ([2*ffn, h])."""
+    gate, up = ts
+    return torch.cat([gate, up], dim=0)  # [2*ffn, h]
+
+
+INVERSES: dict[Transform, Merge] = {
+    identity: only,
+    strip_vocab_padding: pad_vocab,
+    split_qkv: fuse_qkv,
+    split_gate_up: fuse_gate_up,
+}
+"""Each transform of KEY_MAP -> its inverse (Hugging Face tensors -> the megatron tensor)."""
 
 
 Shape = Callable[[ExportArch], tuple[int, ...]]
@@ -187,6 +228,9 @@ class PlannedKey:
     hf: tuple[str, ...]
     """Hugging Face names produced."""
     transform: Transform
+    """Megatron tensor -> HF tensors."""
+    merge: Merge
+    """HF tensors (in `hf` order) -> the megatron tensor (INVERSES[transform])."""
 
 
 def plan_keys(arch: ExportArch) -> list[PlannedKey]:
@@ -199,6 +243,7 @@ def plan_keys(arch: ExportArch) -> list[PlannedKey]:
             shape=rule.shape(arch),
             hf=tuple(n.format(**idx) for n in rule.hf),
             transform=rule.transform,
+            merge=INVERSES[rule.transform],
         )
 
     by_scope: dict[str, list[KeyRule]] = {}

@@ -414,6 +414,12 @@ def load_checkpoint(
         ) from exc
     if model_config is not None:
         _check_same_architecture(common, model_config, path)
+    if load_optimizer and saved.get("weights_only", False):
+        raise CheckpointError(
+            f"checkpoint {path} holds weights only (no optimizer, scheduler or data position: "
+            "e.g. a Hugging Face model imported with tools/import_hf.py); start from it with "
+            "checkpoint.init_from (--init-from), or with checkpoint.load_optimizer=false"
+        )
     same_layout = tuple(saved["layout"]) == _layout()
     if load_optimizer:
         _check_optimizer_compatible(saved, distributed_optimizer, path)

@@ -53,6 +53,7 @@ _FLAGS: dict[str, tuple[str | None, str]] = {
     "save": ("checkpoint", "save_dir"),
     "save_interval": ("checkpoint", "save_interval"),
     "load": ("checkpoint", "load_dir"),
+    "init_from": ("checkpoint", "init_from"),
     "load_step": ("checkpoint", "load_step"),
     "log_dir": ("logging", "log_dir"),
     "eod_id": ("data", "eod_id"),
@@ -103,6 +104,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--load",
         help="checkpoint folder to start from while --save holds none (must exist)",
+    )
+    p.add_argument(
+        "--init-from",
+        help="checkpoint root whose weights start the run from step 0 while --save holds none "
+        "(e.g. tools/import_hf.py's output); without --model or a model table, the model is "
+        "the checkpoint's (its config.json)",
     )
     p.add_argument("--load-step", type=int, help="load this step instead of the latest")
     p.add_argument(
@@ -208,8 +215,34 @@ def config_from_args(args: argparse.Namespace, announce: bool = True) -> TrainCo
             raise ConfigError(f"--set {item!r} is not SECTION.FIELD=VALUE")
         section, dot, field = key.rpartition(".")
         _put(values, section if dot else None, field, _parse_value(raw))
+    _init_from_model(values)
     _corpus_defaults(values, announce)
     return config_from_dict(values)
+
+
+def _init_from_model(values: dict[str, Any]) -> None:
+    """Without a model preset, the model of checkpoint.init_from (the `model` table of the
+    config.json beside its checkpoints, as tools/import_hf.py and every training run write it),
+    with the model fields set here on top."""
+    checkpoint = values.get("checkpoint")
+    root = checkpoint.get("init_from") if isinstance(checkpoint, dict) else None
+    model = values.get("model", {})
+    if not root or not isinstance(model, dict) or "preset" in model:
+        return
+    from megatron_ext.training.start import RUN_CONFIG, check_init_from
+
+    try:
+        saved = json.loads((Path(root) / RUN_CONFIG).read_text()).get("model")
+    except (OSError, ValueError, AttributeError):
+        saved = None
+    if isinstance(saved, dict):
+        values["model"] = {**saved, **model}
+    elif "model" not in values:
+        check_init_from(root)  # a path that is no checkpoint: that error first
+        raise ConfigError(
+            f"checkpoint.init_from={root} has no {RUN_CONFIG} with a model table to take the "
+            "model from; give the model (--model, or a model table in --config)"
+        )
 
 
 def _corpus_defaults(values: dict[str, Any], announce: bool) -> None:

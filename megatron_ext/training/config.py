@@ -209,6 +209,11 @@ class CheckpointConfig:
     """The checkpoint root to start from while save_dir holds no checkpoint yet (e.g. the
     pre-training run a mid-training run continues); it must exist (an existing, empty folder
     means a first launch). None: start from scratch."""
+    init_from: str | None = None
+    """A checkpoint root whose latest checkpoint's weights initialise the model while save_dir
+    holds no checkpoint yet: optimizer, scheduler, step and data position start fresh (e.g. a
+    Hugging Face model imported with tools/import_hf.py, or another run's checkpoints). Unlike
+    load_dir it never resumes a run; it must be a checkpoint, checked before the run starts."""
     load_step: int | None = None
     """Load this step (of load_dir, else of save_dir) instead of the latest checkpoint."""
     load_optimizer: bool = True
@@ -231,6 +236,15 @@ class CheckpointConfig:
         _check_int("CheckpointConfig", "keep_last", self.keep_last, 0)
         if self.load_step is not None:
             _check_int("CheckpointConfig", "load_step", self.load_step, 0)
+        if self.init_from is not None:
+            object.__setattr__(self, "init_from", str(self.init_from))  # a Path as text
+        if self.init_from is not None and self.load_dir is not None:
+            raise ConfigError(
+                f"checkpoint.init_from={self.init_from} and checkpoint.load_dir={self.load_dir} "
+                "both name where the run starts: init_from takes a checkpoint's weights only, "
+                "load_dir continues a run (or takes its weights with load_optimizer=false); set "
+                "one of them"
+            )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

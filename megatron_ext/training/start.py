@@ -8,7 +8,10 @@ the same way):
    only read while save_dir is still empty.
 2. Otherwise load_dir (it must exist; an existing, empty folder means a first launch): its latest
    checkpoint, or load_step, whole or (load_optimizer=False) as weights only from step 0.
-3. Otherwise from scratch.
+3. Otherwise init_from: its latest checkpoint's weights, from step 0 with a fresh optimizer and
+   schedule (a model imported from Hugging Face, or another run's weights). It must be a
+   checkpoint root; that is checked on every start, so a mistyped path fails at once.
+4. Otherwise from scratch.
 
 A start that is not a resume of save_dir's latest checkpoint (a rollback with load_step, a new
 run pointed at an old run's folders) would move save_dir's `latest` back or mix two runs' rows in
@@ -34,6 +37,7 @@ from pathlib import Path
 
 from megatron_ext.core.checkpoint_layout import (
     LATEST,
+    RUN_CONFIG,
     checkpoint_dir,
     checkpoint_steps,
     latest_step,
@@ -44,13 +48,19 @@ from megatron_ext.core.checkpoint_layout import (
 )
 from megatron_ext.training.config import ConfigError, TrainConfig, config_to_dict
 
-__all__ = ["LOG_FILES", "RUN_CONFIG", "StartPlan", "apply_start_plan", "plan_start"]
+__all__ = [
+    "LOG_FILES",
+    "RUN_CONFIG",
+    "StartPlan",
+    "apply_start_plan",
+    "check_init_from",
+    "plan_start",
+]
 
 LOG_FILES = ("metrics.jsonl", "samples.jsonl")
 """The per-step record files of log_dir, each line a JSON object with a 'step'."""
-RUN_CONFIG = "config.json"
-"""The run's configuration (config_to_dict), written into save_dir and log_dir when it starts: a
-relaunch of the same command is told apart from another run by it."""
+# RUN_CONFIG (checkpoint_layout): the run's configuration (config_to_dict), written into save_dir
+# and log_dir when it starts; a relaunch of the same command is told apart from another run by it.
 
 _OVERWRITE = "--overwrite (checkpoint.overwrite=true)"
 
@@ -60,7 +70,8 @@ class StartPlan:
     """How a run starts, decided before any work (plan_start) and carried out by the trainer."""
 
     kind: str
-    """'resume' (save_dir's own checkpoint), 'load' (load_dir's) or 'scratch'."""
+    """'resume' (save_dir's own checkpoint), 'load' (load_dir's), 'init' (init_from's weights)
+    or 'scratch'."""
     root: str | None = None
     """The checkpoint root to load from (None: scratch)."""
     step: int | None = None
@@ -104,12 +115,55 @@ def _same(a: str | None, b: str | None) -> bool:
     return a is not None and b is not None and os.path.abspath(a) == os.path.abspath(b)
 
 
+def check_init_from(root: str) -> int:
+    """The step checkpoint.init_from starts from (its latest), after checking that it is a
+    checkpoint root; ConfigError naming the path and what to pass instead."""
+    name = f"checkpoint.init_from={root}"
+    path = Path(root)
+    if not path.exists():
+        raise ConfigError(missing_root_message("checkpoint.init_from", root))
+    if not path.is_dir():
+        raise ConfigError(f"{name} is a file, not a checkpoint folder")
+    step = latest_step(path)
+    if step is None:
+        if (path / "metadata.json").is_file():
+            hint = (
+                f"it is one checkpoint folder: name the root holding it and its '{LATEST}' file "
+                f"({path.parent})"
+            )
+        elif (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+            hint = (
+                "it is a Hugging Face model directory: import it first with "
+                f"`python tools/import_hf.py --hf {root} --out CKPT`, then pass --init-from CKPT"
+            )
+        else:
+            near = nearest_checkpoint_roots(path)
+            hint = f"folders in it: {step_folders(path) or 'none'}" + (
+                f"; nearest checkpoint folders: {', '.join(near)}" if near else ""
+            )
+        raise ConfigError(f"{name} is not a checkpoint (no '{LATEST}' file); {hint}")
+    if not (checkpoint_dir(path, step) / "metadata.json").is_file():
+        raise ConfigError(
+            f"{name}: its '{LATEST}' file names step {step}, but {checkpoint_dir(path, step)} is "
+            f"missing or incomplete (folders: {step_folders(path) or 'none'})"
+        )
+    return step
+
+
 def _load_plan(config: TrainConfig) -> StartPlan:
-    """Rules 2 and 3 of the module docstring (save_dir holds nothing to resume from)."""
+    """Rules 2 to 4 of the module docstring (save_dir holds nothing to resume from)."""
     ckpt = config.checkpoint
     root = ckpt.load_dir
     if root is None and ckpt.load_step is not None:
         root = ckpt.save_dir
+    if root is None and ckpt.init_from is not None:
+        step = check_init_from(ckpt.init_from)
+        return StartPlan(
+            kind="init",
+            root=ckpt.init_from,
+            step=step,
+            message=f"initialising from {ckpt.init_from} step {step} (weights only, from step 0)",
+        )
     if root is None:
         return StartPlan(kind="scratch", message="starting from scratch")
     path = Path(root)
@@ -168,6 +222,8 @@ def plan_start(config: TrainConfig) -> StartPlan:
     ):
         # Even when save_dir's checkpoints make it unused now: the next fresh start needs it.
         raise ConfigError(missing_root_message("checkpoint.load_dir", ckpt.load_dir))
+    if ckpt.init_from is not None:
+        check_init_from(ckpt.init_from)  # the same, for the checkpoint to initialise from
     save_steps = checkpoint_steps(ckpt.save_dir) if ckpt.save_dir else []
     saved_latest = latest_step(ckpt.save_dir) if ckpt.save_dir else None
     # The same command relaunched (a Slurm requeue) resumes, even one that started with
@@ -179,6 +235,8 @@ def plan_start(config: TrainConfig) -> StartPlan:
         note = ""
         if ckpt.load_dir and not _same(ckpt.load_dir, ckpt.save_dir):
             note = f"; checkpoint.load_dir={ckpt.load_dir} is only read while save_dir is empty"
+        elif ckpt.init_from:
+            note = f"; checkpoint.init_from={ckpt.init_from} is only read while save_dir is empty"
         return StartPlan(
             kind="resume",
             root=ckpt.save_dir,

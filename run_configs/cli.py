@@ -11,7 +11,7 @@
     python -m run_configs recipes
 
 Overrides use NeMo-Run's CLI syntax (`key=value`, `key*=2`, `key+=1`, `[a,b]`, `None`): a recipe
-argument by name (`train_steps=50`, `tensor=2`, or the short names tp, pp, ep, steps, gbs, mbs,
+argument by name (`train_steps=50`, `tensor=2`, or the short names tp, pp, ep, cp, steps, gbs, mbs,
 lr, min_lr, seq) rebuilds the recipe with it, so values derived from it follow (the decay length
 from the step count); any TrainConfig field by its dotted path (`optimizer.lr=1e-4`,
 `model.num_layers=4`, `data.paths=[/d/a,/d/b]`, `checkpoint.load_dir=DIR`) is set in the built
@@ -355,12 +355,12 @@ def _recipes(args: argparse.Namespace) -> int:
         for stage in ("pretrain", "midtrain"):
             cfg = fdl.build(get_recipe(model, stage)())
             lay = PAPER_LAYOUTS[(model, stage)]
-            dp = lay.world_size // (lay.tensor * lay.pipeline)
+            dp = lay.world_size // (lay.tensor * lay.pipeline * lay.context)
             print(
                 f"{model:>14} {stage:<8}: seq {cfg.model.seq_length}, rope {cfg.model.rope_base:g},"
                 f" {cfg.train_steps} steps x {cfg.global_batch_size} seqs, "
                 f"{lay.nodes} nodes x {lay.gpus_per_node} GPUs, TP={lay.tensor} PP={lay.pipeline} "
-                f"DP={dp} EP={lay.expert}, mbs {cfg.micro_batch_size}"
+                f"CP={lay.context} DP={dp} EP={lay.expert}, mbs {cfg.micro_batch_size}"
             )
     return 0
 
@@ -420,7 +420,12 @@ def _parser() -> argparse.ArgumentParser:
         g.add_argument("--mount", action="append", metavar="SRC:DST", help="repeatable")
         g.add_argument("--time", default="04:00:00")
         g.add_argument("--qos")
-        g.add_argument("--job-dir", default="/tmp/nemo_run_jobs", help="NeMo-Run files, cluster")
+        g.add_argument(
+            "--job-dir",
+            help="NeMo-Run's job folder (packaged code, configs, sbatch logs) on storage every "
+            "node sees (default: $NEMORUN_HOME/jobs; needed with --ssh-host; /tmp is "
+            "refused for more than one node)",
+        )
         g.add_argument("--ssh-host", help="submit through this login node")
         g.add_argument("--ssh-user")
         g.add_argument(

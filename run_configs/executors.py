@@ -2,10 +2,14 @@
 
 Both launch one torchrun agent per node, which starts one rank per process/GPU; every rank runs
 `megatron_ext.training.pretrain(config)` (gloo on CPU, NCCL on GPUs). The model-parallel layout
-(tensor x pipeline x data = world size, experts carved out of the data-parallel ranks) is derived
-from the executor's world size by `ParallelLayout.derive` and checked against the run
+(tensor x pipeline x context x data = world size, experts carved out of the data-parallel ranks)
+is derived from the executor's world size by `ParallelLayout.derive` and checked against the run
 configuration with the trainer's own validation (`TrainConfig.validate`) before anything is
 launched.
+
+A Slurm job's folder (the packaged code, the configs, the sbatch script and its logs) must be on
+storage every node sees: it defaults to the jobs/ folder of NeMo-Run's home ($NEMORUN_HOME), and a
+node-local folder (/tmp, /var/tmp, /dev/shm) is refused for a job of more than one node.
 """
 
 from __future__ import annotations
@@ -22,9 +26,12 @@ import nemo_run as run
 from megatron_ext.training import TrainConfig
 
 __all__ = [
+    "NODE_LOCAL_DIRS",
     "ParallelLayout",
     "apply_layout",
+    "check_job_dir",
     "check_world",
+    "default_job_dir",
     "executor_world_size",
     "local_executor",
     "override_executor",
@@ -35,6 +42,42 @@ __all__ = [
 
 CONTAINER_CODE_DIR = "/nemo_run/code"
 """Where NeMo-Run's packager puts the code inside a Slurm container (and the job's workdir)."""
+
+NODE_LOCAL_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+"""Folders that are each node's own on a cluster: no multi-node job's folder may be in them."""
+
+
+def default_job_dir() -> str:
+    """The Slurm job folder when none is given: jobs/ in NeMo-Run's home ($NEMORUN_HOME,
+    default ~/.nemo_run; its experiments/ folder keeps each experiment's record)."""
+    from nemo_run.config import get_nemorun_home
+
+    return os.path.join(get_nemorun_home(), "jobs")
+
+
+def check_job_dir(job_dir: str, nodes: int, *, source: str = "job_dir") -> None:
+    """Refuse a node-local job folder for a job of more than one node: the other nodes would
+    not find the packaged code, and the logs would be scattered over the nodes.
+
+    Args:
+        job_dir: the folder.
+        nodes: nodes of the job.
+        source: where the folder came from, for the message.
+
+    Raises:
+        ValueError: naming the folder, where it came from and the fix.
+    """
+    path = os.path.normpath(job_dir)
+    local = next((d for d in NODE_LOCAL_DIRS if path == d or path.startswith(d + "/")), None)
+    if nodes > 1 and local is not None:
+        raise ValueError(
+            f"the job folder {job_dir} ({source}) is under {local}, which every node has its "
+            f"own of: a {nodes}-node job needs its folder (packaged code, configs, logs) on "
+            "storage all nodes see; give a shared one (on Lustre, GPFS or NFS, e.g. "
+            "/lustre/$USER/nemo_run_jobs) as job_dir (--job-dir on the command line), or set "
+            "NEMORUN_HOME to a shared folder (the default job folder is "
+            "$NEMORUN_HOME/jobs)"
+        )
 
 
 def use_nemorun_home(path: str | os.PathLike[str]) -> str:
@@ -53,57 +96,70 @@ def use_nemorun_home(path: str | os.PathLike[str]) -> str:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ParallelLayout:
-    """How the ranks of a job split the model: tensor * pipeline * data = world size."""
+    """How the ranks of a job split the model: tensor * pipeline * context * data = world."""
 
     tensor: int
     """Tensor-parallel size."""
     pipeline: int
     """Pipeline-parallel size."""
     data: int
-    """Data-parallel size (world size / (tensor * pipeline))."""
+    """Data-parallel size (world size / (tensor * pipeline * context))."""
     expert: int = 1
     """Expert-parallel size; divides `data` (megatron carves it out of the data-parallel ranks)."""
+    context: int = 1
+    """Context-parallel size (ranks sharing each sequence)."""
 
     @property
     def world_size(self) -> int:
         """Ranks of the job."""
-        return self.tensor * self.pipeline * self.data
+        return self.tensor * self.pipeline * self.context * self.data
 
     @classmethod
     def derive(
-        cls, world_size: int, *, tensor: int = 1, pipeline: int = 1, expert: int = 1
+        cls,
+        world_size: int,
+        *,
+        tensor: int = 1,
+        pipeline: int = 1,
+        expert: int = 1,
+        context: int = 1,
     ) -> ParallelLayout:
         """The layout with the given model-parallel sizes on `world_size` ranks.
 
         Raises:
-            ValueError: tensor * pipeline does not divide world_size, or expert does not divide
-                the data-parallel size (the message names the sizes).
+            ValueError: tensor * pipeline * context does not divide world_size, or expert does
+                not divide the data-parallel size (the message names the sizes).
         """
         for name, value in (
             ("world_size", world_size),
             ("tensor", tensor),
             ("pipeline", pipeline),
             ("expert", expert),
+            ("context", context),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if world_size % (tensor * pipeline):
-            raise ValueError(
-                f"tensor * pipeline = {tensor} * {pipeline} = {tensor * pipeline} does not divide "
-                f"the world size {world_size}"
-            )
-        data = world_size // (tensor * pipeline)
+        model = tensor * pipeline * context
+        if world_size % model:
+            named = f"tensor * pipeline = {tensor} * {pipeline}"
+            if context > 1:
+                named = f"tensor * pipeline * context = {tensor} * {pipeline} * {context}"
+            raise ValueError(f"{named} = {model} does not divide the world size {world_size}")
+        data = world_size // model
         if data % expert:
+            parts = f"tensor {tensor} * pipeline {pipeline}"
+            parts += f" * context {context}" if context > 1 else ""
             raise ValueError(
                 f"expert={expert} does not divide the data-parallel size {data} "
-                f"(world size {world_size} / (tensor {tensor} * pipeline {pipeline}))"
+                f"(world size {world_size} / ({parts}))"
             )
-        return cls(tensor=tensor, pipeline=pipeline, data=data, expert=expert)
+        return cls(tensor=tensor, pipeline=pipeline, data=data, expert=expert, context=context)
 
     def __str__(self) -> str:
+        cp = f" x CP={self.context}" if self.context > 1 else ""
         return (
-            f"TP={self.tensor} x PP={self.pipeline} x DP={self.data} = {self.world_size} ranks "
-            f"(EP={self.expert})"
+            f"TP={self.tensor} x PP={self.pipeline}{cp} x DP={self.data} = {self.world_size} "
+            f"ranks (EP={self.expert})"
         )
 
 
@@ -112,6 +168,7 @@ def apply_layout(config: fdl.Config, layout: ParallelLayout) -> fdl.Config:
     config.parallel.tensor = layout.tensor
     config.parallel.pipeline = layout.pipeline
     config.parallel.expert = layout.expert
+    config.parallel.context = layout.context
     return config
 
 
@@ -125,23 +182,24 @@ def check_world(
         config: a run.Config[TrainConfig] or a TrainConfig.
         world_size: ranks the job will have.
         check_environment: also check what the trainer checks of this machine (Transformer
-            Engine installed when use_transformer_engine is set; where the run starts: a
-            load_dir that exists, no earlier run in save_dir without checkpoint.overwrite);
-            False for jobs that run elsewhere (Slurm: the cluster's file system and image).
+            Engine installed when use_transformer_engine is set, or context parallelism needs
+            it; where the run starts: a load_dir that exists, no earlier run in save_dir
+            without checkpoint.overwrite); False for jobs that run elsewhere (Slurm: the
+            cluster's file system and image, which is taken to bring TE where asked for).
 
     Raises:
         megatron_ext.training.ConfigError: the configuration cannot run on world_size ranks.
     """
     built = config if isinstance(config, TrainConfig) else fdl.build(config)
-    if not check_environment and built.use_transformer_engine:
-        built = dataclasses.replace(built, use_transformer_engine=False)
-    built.validate(world_size)
+    built.validate(world_size, check_environment=check_environment)
     if check_environment:
         from megatron_ext.training.start import plan_start
 
         plan_start(built)
     p = built.parallel
-    return ParallelLayout.derive(world_size, tensor=p.tensor, pipeline=p.pipeline, expert=p.expert)
+    return ParallelLayout.derive(
+        world_size, tensor=p.tensor, pipeline=p.pipeline, expert=p.expert, context=p.context
+    )
 
 
 def local_executor(
@@ -195,7 +253,7 @@ def slurm_executor(
     container_image: str | None = None,
     container_mounts: Sequence[str] = (),
     time: str = "04:00:00",
-    job_dir: str = "/tmp/nemo_run_jobs",
+    job_dir: str | None = None,
     ssh_host: str | None = None,
     ssh_user: str | None = None,
     packager: run.Packager | None = None,
@@ -220,7 +278,11 @@ def slurm_executor(
             torch, megatron-core and megatron_ext's dependencies. None runs on the bare nodes.
         container_mounts: "src:dst" mounts (--container-mounts), e.g. the data and results.
         time: wall-clock limit (--time), HH:MM:SS or D-HH:MM:SS.
-        job_dir: folder on the cluster for NeMo-Run's job files (code, configs, logs).
+        job_dir: folder for NeMo-Run's job files (packaged code, configs, sbatch script,
+            logs), on storage every node of the job sees. None: default_job_dir(), NeMo-Run's
+            experiments folder under $NEMORUN_HOME (submitting on this machine; through SSH a
+            folder of the cluster must be given). A folder under /tmp, /var/tmp or /dev/shm
+            is refused when nodes > 1.
         ssh_host: submit through SSH to this login node; None submits on this machine.
         ssh_user: SSH user (default: $USER).
         packager: how the code is shipped (default: git archive of this repository's HEAD,
@@ -241,6 +303,18 @@ def slurm_executor(
     for mount in container_mounts:
         if ":" not in mount:
             raise ValueError(f"container mount {mount!r} is not SRC:DST")
+    source = "job_dir"
+    if job_dir is None:
+        if ssh_host:
+            raise ValueError(
+                f"ssh_host={ssh_host!r} needs job_dir (--job-dir): a folder of the cluster, on "
+                "storage every node sees, for NeMo-Run's job files (e.g. "
+                "/lustre/$USER/nemo_run_jobs)"
+            )
+        job_dir, source = default_job_dir(), "the default, $NEMORUN_HOME/jobs"
+    elif not ssh_host:
+        job_dir = str(Path(job_dir).expanduser().absolute())
+    check_job_dir(job_dir, nodes, source=source)
     if ssh_host:
         tunnel = run.SSHTunnel(
             host=ssh_host, user=ssh_user or os.environ.get("USER", ""), job_dir=job_dir

@@ -26,6 +26,7 @@ SHORT_NAMES: dict[str, tuple[str, str]] = {
     "tp": ("tensor", "parallel.tensor"),
     "pp": ("pipeline", "parallel.pipeline"),
     "ep": ("expert", "parallel.expert"),
+    "cp": ("context", "parallel.context"),
     "steps": ("train_steps", "train_steps"),
     "gbs": ("global_batch_size", "global_batch_size"),
     "mbs": ("micro_batch_size", "micro_batch_size"),
@@ -53,7 +54,7 @@ class Overrides:
 
 def split_overrides(items: Sequence[str], recipe: Callable[..., Any] | None = None) -> Overrides:
     """Sort `key=value` overrides: `executor.*` to the executor; a plain `name=value` whose name
-    (or short name: tp, pp, ep, steps, gbs, mbs, lr, min_lr, seq) is an argument of `recipe` to
+    (or short name: tp, pp, ep, cp, steps, gbs, mbs, lr, min_lr, seq) is an argument of `recipe` to
     the recipe; everything else (dotted paths, operators) to the built configuration.
 
     Raises:

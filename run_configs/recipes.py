@@ -13,7 +13,11 @@ Recipes:
   5B-A0.3B, 10B-A0.5B and 20B-A1B, AdamW (wd 0.1, clip 1.0), 16M-token global batches
   (4096 x 4096 in pre-training, 1024 x 16384 in mid-training), warmup-stable-decay: 2000 warmup
   steps to 3e-4, stable through pre-training, decayed to 3e-5 in mid-training, where the RoPE
-  base goes from 1e4 to 1e6.
+  base goes from 1e4 to 1e6. They use Transformer Engine's layer spec where TE is installed
+  (use_transformer_engine=None), the distributed optimizer with the gradient reduce-scatter and
+  the parameter all-gather overlapped with the backward and forward passes, and in mid-training
+  context parallelism (2 ranks per sequence, which needs TE) where pre-training's layout would
+  otherwise raise the tensor parallelism, with full activation recomputation.
 
 The loss is chosen by preset name: ce, precision, diversity, tail_suppression, head_preservation
 (megatron_ext.loss.RewardShapingConfig.preset).
@@ -106,6 +110,8 @@ class PaperLayout:
     """Pipeline-parallel size."""
     expert: int = 1
     """Expert-parallel size (MoE)."""
+    context: int = 1
+    """Context-parallel size (needs Transformer Engine)."""
     micro_batch_size: int = 1
     """Sequences per forward pass on one rank."""
 
@@ -122,12 +128,14 @@ PAPER_LAYOUTS: dict[tuple[str, str], PaperLayout] = {
     ("moe_5b_a0.3b", "pretrain"): PaperLayout(nodes=8, expert=8, micro_batch_size=4),
     ("moe_10b_a0.5b", "pretrain"): PaperLayout(nodes=16, expert=16, micro_batch_size=4),
     ("moe_20b_a1b", "pretrain"): PaperLayout(nodes=32, pipeline=2, expert=16, micro_batch_size=2),
-    # Mid-training, 16384 tokens: one sequence per rank, more tensor parallelism for activations.
-    ("dense_1b", "midtrain"): PaperLayout(nodes=8, tensor=2),
-    ("dense_4b", "midtrain"): PaperLayout(nodes=16, tensor=4),
+    # Mid-training, 16384 tokens: one sequence per rank, split over 2 context-parallel ranks
+    # where the activations need more than pre-training's layout, instead of twice the TP
+    # (an image without TE: override with tp=<2 x tensor> cp=1).
+    ("dense_1b", "midtrain"): PaperLayout(nodes=8, context=2),
+    ("dense_4b", "midtrain"): PaperLayout(nodes=16, tensor=2, context=2),
     ("moe_5b_a0.3b", "midtrain"): PaperLayout(nodes=8, expert=8),
     ("moe_10b_a0.5b", "midtrain"): PaperLayout(nodes=16, expert=16),
-    ("moe_20b_a1b", "midtrain"): PaperLayout(nodes=32, tensor=2, pipeline=2, expert=16),
+    ("moe_20b_a1b", "midtrain"): PaperLayout(nodes=32, pipeline=2, expert=16, context=2),
 }
 """Defaults of the paper recipes (any of them can be overridden); every one is validated by
 tests/test_run_configs.py against the model's heads, layers, experts and vocabulary."""
@@ -352,15 +360,24 @@ def _paper_optimizer(**schedule: object) -> run.Config[OptimizerConfig]:
 
 
 def _paper_parallel(
-    layout: PaperLayout, tensor: int | None, pipeline: int | None, expert: int | None
+    layout: PaperLayout,
+    tensor: int | None,
+    pipeline: int | None,
+    expert: int | None,
+    context: int | None = None,
 ) -> run.Config[ParallelConfig]:
-    """The layout's TP, PP and EP unless given, with the distributed optimizer."""
+    """The layout's TP, PP, EP and CP unless given, with the distributed optimizer and its
+    communication overlapped with computation (megatron DDP's default bucket size)."""
     return run.Config(
         ParallelConfig,
         tensor=tensor or layout.tensor,
         pipeline=pipeline or layout.pipeline,
         expert=expert or layout.expert,
+        context=context or layout.context,
         distributed_optimizer=True,
+        overlap_grad_reduce=True,
+        overlap_param_gather=True,
+        ddp_bucket_size=None,
     )
 
 
@@ -386,12 +403,14 @@ def paper_pretrain(
     pipeline: int | None = None,
     expert: int | None = None,
     micro_batch_size: int | None = None,
+    context: int | None = None,
     train_tokens: float = PRETRAIN_TOKENS,
     train_steps: int | None = None,
     save_interval: int = 1000,
     eval_interval: int = 1000,
     eval_iters: int = 4,
-    use_transformer_engine: bool = False,
+    use_transformer_engine: bool | None = None,
+    recompute: str = "none",
     seed: int = 1234,
 ) -> run.Config[TrainConfig]:
     """Pre-training of a paper model (setup.md): 500B tokens, 4096 x 4096-token batches, AdamW
@@ -405,13 +424,17 @@ def paper_pretrain(
         data_weights: blend weights of data_paths (None: by size).
         eod_id: end-of-document id (Qwen3's <|endoftext|> is 151643).
         out_dir: checkpoints/ and logs/ (default /results/<model>-<preset>).
-        tensor, pipeline, expert, micro_batch_size: override PAPER_LAYOUTS.
+        tensor, pipeline, expert, micro_batch_size, context: override PAPER_LAYOUTS (context
+            > 1 needs Transformer Engine).
         train_tokens: tokens to train on (the step count is train_tokens / 16M).
         train_steps: the step count instead (e.g. a short test run).
         save_interval: steps between checkpoints.
         eval_interval: steps between validations.
         eval_iters: validation batches each time.
-        use_transformer_engine: the TE layer spec (needs transformer-engine in the image).
+        use_transformer_engine: the TE layer spec: None uses it where the ranks can import TE,
+            True requires it, False never (the two name their norms differently in
+            checkpoints: mid-training must use the spec pre-training used).
+        recompute: activation recomputation (none, selective, full).
         seed: initialisation seed.
     """
     layout = _check_paper_model(model, "pretrain")
@@ -421,7 +444,7 @@ def paper_pretrain(
         TrainConfig,
         model=model_config(model, seq_length=PRETRAIN_SEQ_LENGTH, rope_base=PRETRAIN_ROPE_BASE),
         shaping=shaping_config(preset),
-        parallel=_paper_parallel(layout, tensor, pipeline, expert),
+        parallel=_paper_parallel(layout, tensor, pipeline, expert, context),
         # Stable to the end of pre-training; mid-training decays.
         optimizer=_paper_optimizer(warmup_steps=WARMUP_STEPS, wsd_decay_steps=0),
         data=_paper_data(data_paths, data_weights, eod_id),
@@ -439,6 +462,7 @@ def paper_pretrain(
         seed=seed,
         bf16=True,
         use_transformer_engine=use_transformer_engine,
+        recompute=recompute,
     )
 
 
@@ -455,12 +479,14 @@ def paper_midtrain(
     pipeline: int | None = None,
     expert: int | None = None,
     micro_batch_size: int | None = None,
+    context: int | None = None,
     train_tokens: float = MIDTRAIN_TOKENS,
     train_steps: int | None = None,
     save_interval: int = 500,
     eval_interval: int = 500,
     eval_iters: int = 4,
-    use_transformer_engine: bool = False,
+    use_transformer_engine: bool | None = None,
+    recompute: str = "full",
     seed: int = 1234,
 ) -> run.Config[TrainConfig]:
     """Mid-training of a paper model (setup.md): 100B tokens at sequence length 16384 (1024 x
@@ -478,9 +504,12 @@ def paper_midtrain(
         load_dir: the pre-training checkpoint root (default /results/<model>-<preset>/checkpoints).
         data_paths, data_weights, eod_id: the mid-training data, as in paper_pretrain.
         out_dir: checkpoints/ and logs/ (default /results/<model>-<preset>-midtrain).
-        tensor, pipeline, expert, micro_batch_size: override PAPER_LAYOUTS.
+        tensor, pipeline, expert, micro_batch_size, context: override PAPER_LAYOUTS (its
+            context-parallel layouts need Transformer Engine; without it use tp=<2 x tensor>
+            cp=1).
         train_tokens: tokens to train on (the step count is train_tokens / 16M).
         train_steps: the step count instead (the decay spans it).
+        recompute: activation recomputation (full by default: 16K-token sequences).
         save_interval, eval_interval, eval_iters, use_transformer_engine, seed: as in
             paper_pretrain.
     """
@@ -492,7 +521,7 @@ def paper_midtrain(
         TrainConfig,
         model=model_config(model, seq_length=MIDTRAIN_SEQ_LENGTH, rope_base=MIDTRAIN_ROPE_BASE),
         shaping=shaping_config(preset),
-        parallel=_paper_parallel(layout, tensor, pipeline, expert),
+        parallel=_paper_parallel(layout, tensor, pipeline, expert, context),
         # The whole stage decays 3e-4 -> 3e-5.
         optimizer=_paper_optimizer(warmup_steps=0, wsd_decay_steps=steps, wsd_decay_style="linear"),
         data=_paper_data(data_paths, data_weights, eod_id),
@@ -511,7 +540,7 @@ def paper_midtrain(
         eval_iters=eval_iters,
         seed=seed,
         bf16=True,
-        recompute_activations=True,
+        recompute=recompute,
         use_transformer_engine=use_transformer_engine,
     )
 

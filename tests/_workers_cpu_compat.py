@@ -78,6 +78,32 @@ def check_backward_without_mode() -> None:
     assert torch.equal(x.grad, torch.full((3,), 2.0))
 
 
+def check_recompute_in_backward() -> None:
+    """megatron's activation recomputation runs forward code (here its local attention's causal
+    mask, made with device="cuda") in the backward pass, where the mode is off."""
+    _install()
+    from megatron.core import tensor_parallel
+    from megatron.core.transformer.utils import get_default_causal_mask
+
+    def masked(x: torch.Tensor) -> torch.Tensor:
+        return x.masked_fill(get_default_causal_mask(x.shape[-1]), 0.0)
+
+    x = torch.ones(3, 3, requires_grad=True)
+    tensor_parallel.checkpoint(masked, False, x).sum().backward()
+    assert torch.equal(x.grad, torch.ones(3, 3).tril())
+
+
+def check_force_hides_gpus() -> None:
+    """device='cpu' on a machine whose torch sees a GPU: the layer goes on and hides the GPUs."""
+    from megatron_ext.core import cpu_compat
+
+    torch.cuda.is_available = lambda: True  # as on a GPU machine
+    assert cpu_compat.install_cpu_compat(force=True) is True
+    assert not torch.cuda.is_available() and torch.cuda.device_count() == 0
+    assert cpu_compat.cpu_compat_active()
+    assert torch.zeros(1, device="cuda").device.type == "cpu"
+
+
 def check_rng() -> None:
     _install()
     torch.cuda.manual_seed(5)

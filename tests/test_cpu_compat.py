@@ -41,6 +41,14 @@ def test_bridges_work_inside_autograd_backward(child):
     run(child, w.check_backward_without_mode)
 
 
+def test_recomputation_in_backward_maps_devices(child):
+    run(child, w.check_recompute_in_backward)
+
+
+def test_forced_install_hides_the_gpus(child):
+    run(child, w.check_force_hides_gpus)
+
+
 def test_cuda_rng_is_the_cpu_generator(child):
     run(child, w.check_rng)
 

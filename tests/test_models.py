@@ -104,6 +104,27 @@ def test_transformer_config_is_qwen3():
     assert not to_transformer_config(cfg).sequence_parallel
 
 
+def test_recomputation_reaches_the_transformer_config():
+    cfg = model_preset("tiny")
+    none = to_transformer_config(cfg)
+    assert none.recompute_granularity is None
+    selective = to_transformer_config(cfg, recompute="selective")
+    assert selective.recompute_granularity == "selective"
+    assert selective.recompute_modules == ["core_attn"] and selective.recompute_method is None
+    assert selective.recompute_num_layers is None
+    full = to_transformer_config(cfg, recompute="full")
+    assert (full.recompute_granularity, full.recompute_method, full.recompute_num_layers) == (
+        "full",
+        "uniform",
+        1,
+    )
+    with pytest.raises(ValueError, match="recompute='partial'; choose"):
+        to_transformer_config(cfg, recompute="partial")
+    assert none.context_parallel_size == 1
+    with pytest.raises(ValueError, match="context_parallel=2 needs the Transformer Engine spec"):
+        to_transformer_config(cfg, context_parallel=2)
+
+
 @pytest.mark.skipif(have_transformer_engine(), reason="Transformer Engine is installed here")
 def test_transformer_engine_spec_without_te_is_a_clear_error():
     with pytest.raises(

@@ -106,8 +106,13 @@ COMMANDS: dict[str, Command] = {
     ),
     f"{RC} pretrain --recipe dense_4b --preset precision --executor slurm --data "
     "/data/pretrain_text_document --account ACCOUNT --partition PART --container-image IMAGE "
-    "--mount /lustre/data:/data --mount /lustre/results:/results --nodes 16 --dryrun": Command(
-        expect=("#SBATCH --nodes=16", "dry run: nothing was launched"),
+    "--mount /lustre/data:/data --mount /lustre/results:/results --nodes 16 --job-dir "
+    "/lustre/results/nemo_run_jobs --dryrun": Command(
+        expect=(
+            "#SBATCH --nodes=16",
+            "#SBATCH --output=/lustre/results/nemo_run_jobs/",
+            "dry run: nothing was launched",
+        ),
     ),
     f"{RC} compare --data-dir data/default --out outputs/compare --presets ce precision "
     "--steps 5": Command(expect=("report:",), files=("outputs/compare/report.md",)),

@@ -14,6 +14,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -75,6 +76,16 @@ def nemorun_home(tmp_path, monkeypatch):
     set_nemorun_home(before)
 
 
+@pytest.fixture
+def shared_dir(tmp_path):
+    """A folder outside /tmp, as a multi-node job's folder must be (/tmp is each node's own):
+    under the repository's git-ignored outputs/, removed after the test."""
+    path = REPO / "outputs" / "test-jobs" / f"{os.getpid()}-{tmp_path.name}"
+    path.mkdir(parents=True)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 # -- recipes --------------------------------------------------------------------------------------
 
 
@@ -90,11 +101,12 @@ def test_paper_recipes_build_and_validate_at_their_layout(model, stage):
     # (not of this machine: the recipes' /results and /data are the cluster's)
     derived = check_world(cfg, world, check_environment=False)
     assert derived.world_size == world
-    assert derived.tensor * derived.pipeline * derived.data == world
-    assert (derived.tensor, derived.pipeline, derived.expert) == (
+    assert derived.tensor * derived.pipeline * derived.context * derived.data == world
+    assert (derived.tensor, derived.pipeline, derived.expert, derived.context) == (
         layout.tensor,
         layout.pipeline,
         layout.expert,
+        layout.context,
     )
     m = cfg.model
     assert m.num_attention_heads % derived.tensor == 0
@@ -112,6 +124,9 @@ def test_paper_recipes_build_and_validate_at_their_layout(model, stage):
     assert (opt.lr, opt.min_lr, opt.weight_decay, opt.clip_grad) == (3e-4, 3e-5, 0.1, 1.0)
     assert cfg.shaping == RewardShapingConfig(beta=-0.25)
     assert cfg.bf16 and cfg.parallel.distributed_optimizer
+    # communication overlapped with computation; TE's spec wherever the image has TE
+    assert cfg.parallel.overlap_grad_reduce and cfg.parallel.overlap_param_gather
+    assert cfg.use_transformer_engine is None
     if stage == "pretrain":
         assert (m.seq_length, m.rope_base, cfg.global_batch_size) == (4096, 1e4, 4096)
         assert cfg.train_steps == 29_802  # 500B tokens / 16M
@@ -124,7 +139,11 @@ def test_paper_recipes_build_and_validate_at_their_layout(model, stage):
         assert (opt.warmup_steps, opt.wsd_decay_steps) == (0, 5_960)  # 3e-4 -> 3e-5 throughout
         assert cfg.checkpoint.load_dir == f"/results/{model}-precision/checkpoints"
         assert cfg.checkpoint.load_optimizer is False
-        assert cfg.recompute_activations
+        assert cfg.recompute == "full"
+        # context parallelism where pre-training's layout is not enough (TP stays as it was)
+        pre = PAPER_LAYOUTS[(model, "pretrain")]
+        assert derived.tensor == pre.tensor
+        assert derived.context == (1 if m.is_moe and pre.pipeline == 1 else 2)
 
 
 @pytest.mark.parametrize(
@@ -155,6 +174,10 @@ def test_parallel_layout_is_derived_from_the_world_size():
         ParallelLayout.derive(32, tensor=3)
     with pytest.raises(ValueError, match="expert=3 does not divide the data-parallel size 8"):
         ParallelLayout.derive(32, tensor=2, pipeline=2, expert=3)
+    layout = ParallelLayout.derive(128, tensor=2, context=2)
+    assert (layout.data, str(layout)) == (32, "TP=2 x PP=1 x CP=2 x DP=32 = 128 ranks (EP=1)")
+    with pytest.raises(ValueError, match=r"context = 2 \* 1 \* 4 = 8 does not divide the world"):
+        ParallelLayout.derive(12, tensor=2, context=4)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -239,7 +262,7 @@ def test_overrides_reach_recipe_arguments_fields_and_the_executor(tmp_path):
 # -- executors and dry runs -----------------------------------------------------------------------
 
 
-def _sbatch(tmp_path: Path, nodes: int, gpus: int, tp: int, pp: int, ep: int = 1):
+def _sbatch(job_root: Path, nodes: int, gpus: int, tp: int, pp: int, ep: int = 1):
     executor = slurm_executor(
         account="acct_llm",
         partition="batch",
@@ -248,7 +271,7 @@ def _sbatch(tmp_path: Path, nodes: int, gpus: int, tp: int, pp: int, ep: int = 1
         container_image="nvcr.io/nvidia/pytorch:25.01-py3",
         container_mounts=["/lustre/data:/data", "/lustre/results:/results"],
         time="02:30:00",
-        job_dir=str(tmp_path / "cluster_jobs"),
+        job_dir=str(job_root / "cluster_jobs"),
         packager=run.Packager(),
     )
     model = "moe_20b_a1b" if ep > 1 else "dense_4b"
@@ -257,8 +280,8 @@ def _sbatch(tmp_path: Path, nodes: int, gpus: int, tp: int, pp: int, ep: int = 1
     return result, result.scripts["pretrain"]
 
 
-def test_slurm_dryrun_writes_the_sbatch_script(tmp_path):
-    result, script = _sbatch(tmp_path, nodes=4, gpus=8, tp=2, pp=2)
+def test_slurm_dryrun_writes_the_sbatch_script(shared_dir):
+    result, script = _sbatch(shared_dir, nodes=4, gpus=8, tp=2, pp=2)
     assert Path(result.script_paths["pretrain"]).read_text() == script
     flags = dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?$", script, re.MULTILINE))
     assert flags["nodes"] == "4"
@@ -308,13 +331,32 @@ def test_transformer_engine_is_checked_where_the_ranks_run(tmp_path):
             check_world(config, 64)
 
 
-def test_slurm_dryrun_moe_layout_and_refusal(tmp_path):
-    _, script = _sbatch(tmp_path, nodes=8, gpus=4, tp=1, pp=2, ep=16)
+def test_slurm_dryrun_moe_layout_and_refusal(shared_dir):
+    _, script = _sbatch(shared_dir, nodes=8, gpus=4, tp=1, pp=2, ep=16)
     assert "#SBATCH --nodes=8" in script and "#SBATCH --gpus-per-node=4" in script
     assert re.search(r"--nnodes 8 --nproc-per-node 4\b", script)
     # 2 nodes x 8 GPUs = 16 ranks with PP=2 leave DP=8, which EP=16 cannot divide
     with pytest.raises(ConfigError, match="parallel.expert=16 does not divide the data-parallel"):
-        _sbatch(tmp_path, nodes=2, gpus=8, tp=1, pp=2, ep=16)
+        _sbatch(shared_dir, nodes=2, gpus=8, tp=1, pp=2, ep=16)
+
+
+def test_slurm_job_folder_must_be_on_shared_storage(shared_dir, tmp_path):
+    """A multi-node job's folder (packaged code, sbatch logs) defaults to $NEMORUN_HOME/jobs
+    (the CLI's dry run below shows it in the sbatch script) and may not be node-local; one
+    node may use /tmp. The command line's refusal: test_cli_dryrun_prints_the_resolved_run."""
+    executor = slurm_executor(account="a", nodes=16, job_dir=str(shared_dir / "jobs"))
+    assert executor.tunnel.job_dir == str(shared_dir / "jobs")
+    use_nemorun_home(shared_dir / "home")
+    assert slurm_executor(account="a", nodes=16).tunnel.job_dir == str(shared_dir / "home/jobs")
+    use_nemorun_home(tmp_path / "home")  # pytest's folders are under /tmp
+    with pytest.raises(ValueError, match=r"\(the default, \$NEMORUN_HOME/jobs\) is under /tmp"):
+        slurm_executor(account="a", nodes=2)
+    for local in ("/tmp/nemo_run_jobs", "/dev/shm/jobs", "/var/tmp"):
+        with pytest.raises(ValueError, match=f"the job folder {local} \\(job_dir\\) is under"):
+            slurm_executor(account="a", nodes=2, job_dir=local)
+    assert slurm_executor(account="a", nodes=1, job_dir="/tmp/one_node").tunnel.job_dir
+    with pytest.raises(ValueError, match="ssh_host='login' needs job_dir"):
+        slurm_executor(account="a", nodes=2, ssh_host="login")
 
 
 def test_local_dryrun_is_torchrun_with_nproc_ranks(tmp_path):
@@ -359,8 +401,10 @@ def test_compare_with_seeds_offsets_the_recipe_seed_per_run(tmp_path):
         preset_tasks(out_dir=tmp_path, presets=presets, seeds=0, data_dir=tmp_path)
 
 
-def test_cli_dryrun_prints_the_resolved_run(tmp_path, capsys):
-    env_home = str(tmp_path / "nr")
+def test_cli_dryrun_prints_the_resolved_run(shared_dir, capsys):
+    """Also: without --job-dir the job folder is $NEMORUN_HOME/jobs (here --nemorun-home), never
+    /tmp, and a node-local --job-dir is refused for a multi-node job."""
+    env_home = str(shared_dir / "nr")
     cmd = [
         sys.executable,
         "-m",
@@ -380,8 +424,6 @@ def test_cli_dryrun_prints_the_resolved_run(tmp_path, capsys):
         "2",
         "--packager",
         "none",
-        "--job-dir",
-        str(tmp_path / "jobs"),
         "--nemorun-home",
         env_home,
         "--dryrun",
@@ -405,6 +447,7 @@ def test_cli_dryrun_prints_the_resolved_run(tmp_path, capsys):
         "top_k": 100,
     }
     assert "#SBATCH --time=01:00:00" in out.stdout and "#SBATCH --nodes=2" in out.stdout
+    assert f"#SBATCH --output={env_home}/jobs/" in out.stdout and "/tmp" not in out.stdout
 
     from run_configs.cli import main
 
@@ -412,6 +455,10 @@ def test_cli_dryrun_prints_the_resolved_run(tmp_path, capsys):
     assert (
         "parallel.tensor=3 does not divide model.num_attention_heads=8" in capsys.readouterr().err
     )
+    assert main([*cmd[3:-4], "--job-dir", "/tmp/nemo_run_jobs"]) == 2
+    err = capsys.readouterr().err
+    assert "error: the job folder /tmp/nemo_run_jobs (job_dir) is under /tmp" in err
+    assert "2-node job" in err and "(--job-dir on the command line)" in err
 
 
 @pytest.mark.parametrize(

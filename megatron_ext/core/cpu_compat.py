@@ -4,7 +4,8 @@ megatron-core 0.19 assumes CUDA in a few dozen places that are otherwise device-
 `torch.cuda.current_device()` for a device, allocates with a literal `device="cuda"`, moves tensors
 with `.cuda()`, seeds and forks the CUDA RNG, synchronises and waits on streams, and asserts that
 gradients are `torch.cuda.FloatTensor`. `install_cpu_compat()` bridges exactly these, and only when
-`torch.cuda.is_available()` is False; on a GPU machine it does nothing and returns False.
+`torch.cuda.is_available()` is False; on a GPU machine it does nothing and returns False, unless
+asked to run on the CPU anyway (`force=True`, TrainConfig.device='cpu'), which hides the GPUs.
 
 What is bridged (each checked against the installed megatron-core 0.19.2 source):
 
@@ -19,6 +20,10 @@ What is bridged (each checked against the installed megatron-core 0.19.2 source)
   context manager does); `Tensor.to(<cuda device>)` too, and `pin_memory=True` is dropped. The
   literal uses are outside autograd (optimizer, clip_grads, schedules, local multi-tensor l2 norm,
   rerun state machine), where the mode is active.
+- Activation recomputation runs forward code inside the backward pass, where the mode is not
+  active: the recomputing backward of `tensor_parallel.CheckpointFunction` (full recomputation,
+  and the selective recomputation of the core attention, whose local attention builds its causal
+  mask with `device="cuda"`) and `CheckpointWithoutOutput._recompute` run under the mode again.
 - `Tensor.cuda()` returns the (CPU) tensor itself, like `Tensor.cpu()` on a CPU tensor.
 - `Tensor.type()` (no argument) reports `torch.cuda.<T>` for a CPU tensor: clip_grads asserts
   `param.grad.type() == 'torch.cuda.FloatTensor'`, and the mixed-precision and distributed
@@ -48,6 +53,7 @@ model.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 from typing import Any
@@ -176,6 +182,18 @@ def _set_rng_state(new_state: torch.Tensor, device: Any = "cuda") -> None:
     torch.set_rng_state(new_state)
 
 
+def _under_cpu_mode(fn: Any) -> Any:
+    """`fn` with CUDA device arguments mapped to the CPU while it runs (for forward code run in
+    a backward pass, where the thread's torch-function mode is not active)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with _CudaToCpuMode():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def _megatron_get_cuda_rng_state(
     device: Any = "cuda", clone: bool = False, graph_safe: bool = False
 ) -> torch.Tensor:
@@ -229,6 +247,10 @@ def _patch_megatron() -> None:
     mcore_random._set_cuda_rng_state = _megatron_set_cuda_rng_state
     logging.getLogger(mcore_random.__name__).addFilter(_DropExpectedRngWarning())
     token_dispatcher.maybe_move_tensor_to_cpu = _maybe_move_tensor_to_cpu
+    checkpoint = mcore_random.CheckpointFunction
+    checkpoint.backward = staticmethod(_under_cpu_mode(checkpoint.backward))
+    without_output = mcore_random.CheckpointWithoutOutput
+    without_output._recompute = _under_cpu_mode(without_output._recompute)
 
 
 def cpu_compat_active() -> bool:
@@ -236,17 +258,31 @@ def cpu_compat_active() -> bool:
     return _MODE is not None
 
 
-def install_cpu_compat() -> bool:
+def _hide_gpus() -> None:
+    """Make this process see no GPU (`torch.cuda.is_available()` False, no devices): megatron and
+    the trainer choose the CPU wherever they ask."""
+    torch.cuda.is_available = lambda: False
+    torch.cuda.device_count = lambda: 0
+
+
+def install_cpu_compat(*, force: bool = False) -> bool:
     """Bridge megatron-core's CUDA-only calls to the CPU when no GPU is present.
 
     Safe to call any number of times (later calls do nothing). Call it before building megatron
-    models, optimizers or RNG trackers, in the thread that will run them.
+    models, optimizers or RNG trackers, in the thread that will run them, and before anything
+    touched a GPU.
+
+    Args:
+        force: run on the CPU even where a GPU is visible (TrainConfig.device='cpu'): the GPUs
+            are hidden from this process as well (`torch.cuda.is_available()` becomes False).
 
     Returns:
-        True when the layer is active (installed now or earlier), False on a machine with a GPU,
-        where nothing is changed.
+        True when the layer is active (installed now or earlier), False on a machine with a GPU
+        without `force`, where nothing is changed.
     """
     global _MODE
+    if force and torch.cuda.is_available():
+        _hide_gpus()
     if _MODE is not None:
         return True
     if torch.cuda.is_available():

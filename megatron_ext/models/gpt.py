@@ -42,10 +42,11 @@ def to_transformer_config(
     tensor_parallel: int = 1,
     pipeline_parallel: int = 1,
     expert_parallel: int = 1,
+    context_parallel: int = 1,
     sequence_parallel: bool | None = None,
     params_dtype: torch.dtype = torch.float32,
     use_transformer_engine: bool = False,
-    recompute_activations: bool = False,
+    recompute: str = "none",
 ) -> TransformerConfig:
     """megatron-core's TransformerConfig for our model config and the given parallel layout.
 
@@ -54,15 +55,27 @@ def to_transformer_config(
         tensor_parallel: TP size.
         pipeline_parallel: PP size.
         expert_parallel: EP size (MoE only).
+        context_parallel: CP size (megatron-core implements it in Transformer Engine's attention
+            only: use_transformer_engine must be True when it is above 1).
         sequence_parallel: None picks megatron's recommendation: on when TP > 1 (MoE with TP > 1
             requires it).
         params_dtype: float32, or bfloat16 (megatron mixed precision, fp32 main params in the
             optimizer).
         use_transformer_engine: whether the TE spec is used (enables TE's fused RoPE).
-        recompute_activations: full activation recomputation of every layer.
+        recompute: activation recomputation: 'none'; 'selective' (megatron's selective
+            granularity with its default module, the core attention of every layer); 'full'
+            (every layer's whole forward, one layer per checkpoint).
+
+    Raises:
+        ValueError: an unknown `recompute`, or context_parallel > 1 without the TE spec.
     """
     if sequence_parallel is None:
         sequence_parallel = tensor_parallel > 1
+    if context_parallel > 1 and not use_transformer_engine:
+        raise ValueError(
+            f"context_parallel={context_parallel} needs the Transformer Engine spec "
+            "(megatron-core implements context parallelism in TE's attention only)"
+        )
     moe: dict[str, Any] = {}
     if model.is_moe:
         moe = {
@@ -76,13 +89,19 @@ def to_transformer_config(
             "moe_grouped_gemm": use_transformer_engine,
             "moe_router_dtype": "fp32",
         }
-    recompute: dict[str, Any] = {}
-    if recompute_activations:
-        recompute = {
+    recomputation: dict[str, Any]
+    if recompute == "none":
+        recomputation = {}
+    elif recompute == "selective":
+        recomputation = {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
+    elif recompute == "full":
+        recomputation = {
             "recompute_granularity": "full",
             "recompute_method": "uniform",
             "recompute_num_layers": 1,
         }
+    else:
+        raise ValueError(f"recompute={recompute!r}; choose 'none', 'selective' or 'full'")
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -103,6 +122,7 @@ def to_transformer_config(
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
         expert_model_parallel_size=expert_parallel,
+        context_parallel_size=context_parallel,
         sequence_parallel=sequence_parallel,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
@@ -119,7 +139,7 @@ def to_transformer_config(
         apply_rope_fusion=use_transformer_engine,
         cross_entropy_loss_fusion=False,
         **moe,
-        **recompute,
+        **recomputation,
     )
 
 

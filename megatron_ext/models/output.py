@@ -10,7 +10,11 @@ What the output layer does around its matmul, it does too: the all-gather of seq
 hidden states ([s/tp, b, h] -> [s, b, h], reduce-scatter of the gradient) or the copy whose
 backward all-reduces the hidden states' gradient over the tensor-parallel group; the weight is
 the model's (`output_weight`, the embedding's, when they are tied, else output_layer.weight), and
-its gradient reaches megatron DDP's main_grad buffer in fp32. Multi-token-prediction heads keep
+its gradient reaches megatron DDP's main_grad buffer in fp32. The output layer's forward
+pre-hooks run before its weight is read, as a call of the layer would run them: megatron DDP's
+overlapped parameter all-gather (overlap_param_gather) waits there for the weight's bucket, which
+the fused path would otherwise read before the all-gather has finished. Multi-token-prediction
+heads keep
 megatron's unfused path (GPTModel computes them before the output processor runs); so does a
 model with MuP logit scaling. Without labels (inference) it returns the logits as GPTModel does.
 """
@@ -30,6 +34,17 @@ from megatron_ext.loss import RewardShapingConfig, ShapedLossStats
 from megatron_ext.loss.output import fused_output_shaped_cross_entropy
 
 __all__ = ["ShapedLossOutputProcessor"]
+
+
+def _run_forward_pre_hooks(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+    """The forward pre-hooks of `module` (its own, not torch's global ones), as `module(*args)`
+    would run them; what they return is dropped (the fused path computes without the module)."""
+    with_kwargs = module._forward_pre_hooks_with_kwargs
+    for hook_id, hook in list(module._forward_pre_hooks.items()):
+        if hook_id in with_kwargs:
+            hook(module, args, {})
+        else:
+            hook(module, args)
 
 
 class ShapedLossOutputProcessor:
@@ -109,6 +124,7 @@ class ShapedLossOutputProcessor:
                 "ShapedLossOutputProcessor supports an output layer without bias only (GPT "
                 "models have none: add_bias_linear=False or skip_bias_add)"
             )
+        _run_forward_pre_hooks(output_layer, (hidden_states,))
         weight = output_weight if output_weight is not None else output_layer.weight
         tp_group = output_layer.tp_group
         if output_layer.sequence_parallel:

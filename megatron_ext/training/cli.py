@@ -58,6 +58,7 @@ _FLAGS: dict[str, tuple[str | None, str]] = {
     "log_dir": ("logging", "log_dir"),
     "eod_id": ("data", "eod_id"),
     "split": ("data", "split"),
+    "device": (None, "device"),
 }
 
 
@@ -123,6 +124,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eod-id", type=int)
     p.add_argument("--split", help="train,valid,test split, e.g. 98,2,0")
     p.add_argument("--bf16", action="store_true", default=None)
+    p.add_argument(
+        "--device",
+        choices=("auto", "cuda", "cpu"),
+        help="auto (default): CUDA when torch sees a GPU, refused when CUDA_VISIBLE_DEVICES names "
+        "GPUs torch cannot see; cuda: GPUs or an error; cpu: gloo on the CPU, even with a GPU",
+    )
     p.add_argument(
         "--native-cross-entropy",
         action="store_true",

@@ -35,6 +35,12 @@ __all__ = [
 PAPER_WARMUP_STEPS = 2000
 """Warmup of the paper's schedule (setup.md), the default of OptimizerConfig.warmup_steps."""
 
+RECOMPUTE_CHOICES = ("none", "selective", "full")
+"""Values of TrainConfig.recompute."""
+
+DEVICE_CHOICES = ("auto", "cuda", "cpu")
+"""Values of TrainConfig.device."""
+
 
 class ConfigError(ValueError):
     """A run configuration that cannot work (raised before any distributed work starts)."""
@@ -71,12 +77,33 @@ class ParallelConfig:
     """Expert-parallel size (MoE experts are split; carved out of the data-parallel ranks)."""
     sequence_parallel: bool | None = None
     """Sequence parallelism; None turns it on when tensor > 1 (required for MoE with TP > 1)."""
+    context: int = 1
+    """Context-parallel size (each sequence is split into 2 * context chunks over this many
+    ranks; carved out of the data-parallel ranks). megatron-core implements it in Transformer
+    Engine's attention only, so context > 1 needs Transformer Engine."""
     distributed_optimizer: bool = False
     """Shard optimizer state over data-parallel ranks (megatron's DistributedOptimizer)."""
+    overlap_grad_reduce: bool = False
+    """Start each gradient bucket's all-reduce (reduce-scatter with the distributed optimizer)
+    during the backward pass, as soon as the bucket's gradients are complete (megatron DDP)."""
+    overlap_param_gather: bool = False
+    """All-gather the updated parameters bucket by bucket during the next forward pass instead of
+    right after the optimizer step; needs distributed_optimizer."""
+    ddp_bucket_size: int | None = None
+    """Parameters per gradient bucket when overlapping (None: megatron's default, max(40M, 1M *
+    data-parallel size)); without overlap_grad_reduce there is one bucket per dtype."""
 
     def __post_init__(self) -> None:
-        for name in ("tensor", "pipeline", "expert"):
+        for name in ("tensor", "pipeline", "expert", "context"):
             _check_int("ParallelConfig", name, getattr(self, name), 1)
+        if self.ddp_bucket_size is not None:
+            _check_int("ParallelConfig", "ddp_bucket_size", self.ddp_bucket_size, 1)
+        if self.overlap_param_gather and not self.distributed_optimizer:
+            raise ConfigError(
+                "ParallelConfig.overlap_param_gather=True needs the distributed optimizer (the "
+                "parameters it all-gathers are the optimizer's shards): set "
+                "parallel.distributed_optimizer=True, or overlap_param_gather=False"
+            )
 
     @property
     def use_sequence_parallel(self) -> bool:
@@ -300,10 +327,18 @@ class TrainConfig:
     """Seed of weight initialisation (offset by 100 per pipeline stage, as megatron does)."""
     bf16: bool = False
     """bf16 parameters and activations with fp32 main weights (megatron mixed precision)."""
-    use_transformer_engine: bool = False
-    """Use the Transformer Engine layer spec (error when TE is not installed)."""
-    recompute_activations: bool = False
-    """Full activation recomputation of every layer."""
+    use_transformer_engine: bool | None = False
+    """Use the Transformer Engine layer spec: True (an error when TE is not installed), False
+    (the local torch spec), or None: TE when it can be imported (see uses_transformer_engine).
+    The two specs name the layer norms differently in checkpoints: resume with the same one."""
+    recompute: str = "none"
+    """Activation recomputation in the backward pass: 'none', 'selective' (megatron's selective
+    granularity: the core attention of every layer) or 'full' (every layer's whole forward).
+    Config files may still say recompute_activations = true, which means 'full'."""
+    device: str = "auto"
+    """Where the ranks compute: 'cuda' (an error without a GPU), 'cpu' (gloo, even with a GPU)
+    or 'auto': CUDA when torch sees a GPU, the CPU when the machine has none, and an error when
+    CUDA_VISIBLE_DEVICES names GPUs that torch cannot see (a broken driver)."""
     fused_output_loss: bool = True
     """Compute the output layer and the loss together, a chunk of positions at a time, without
     ever materialising the [s, b, V/tp] logits (megatron-core's output_processor seam; the same
@@ -336,6 +371,22 @@ class TrainConfig:
             )
         if self.backend not in (None, "nccl", "gloo"):
             raise ConfigError(f"{owner}.backend={self.backend!r}; choose nccl, gloo or None")
+        if self.recompute not in RECOMPUTE_CHOICES:
+            raise ConfigError(
+                f"{owner}.recompute={self.recompute!r}; choose one of {RECOMPUTE_CHOICES}"
+            )
+        if self.device not in DEVICE_CHOICES:
+            raise ConfigError(f"{owner}.device={self.device!r}; choose one of {DEVICE_CHOICES}")
+        if self.device == "cpu" and self.backend == "nccl":
+            raise ConfigError(
+                f"{owner}.backend='nccl' cannot run with device='cpu' (NCCL needs GPUs); use "
+                "backend='gloo' or None"
+            )
+        if self.use_transformer_engine not in (None, True, False):
+            raise ConfigError(
+                f"{owner}.use_transformer_engine={self.use_transformer_engine!r}; choose true, "
+                "false or None (TE when installed)"
+            )
         if self.shaping.uses_top_k and self.shaping.top_k > self.model.vocab_size:
             raise ConfigError(
                 f"shaping.top_k={self.shaping.top_k} exceeds model.vocab_size="
@@ -347,30 +398,53 @@ class TrainConfig:
         """Tokens per training sample (seq_length, or model.seq_length when unset)."""
         return self.seq_length or self.model.seq_length
 
-    def data_parallel_size(self, world_size: int) -> int:
-        """Data-parallel ranks for this world size."""
-        return world_size // (self.parallel.tensor * self.parallel.pipeline)
+    @property
+    def uses_transformer_engine(self) -> bool:
+        """Whether the run uses the Transformer Engine spec (use_transformer_engine resolved:
+        None means TE when it can be imported here)."""
+        if self.use_transformer_engine is None:
+            from megatron_ext.models import have_transformer_engine
 
-    def validate(self, world_size: int) -> None:
+            return have_transformer_engine()
+        return self.use_transformer_engine
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """Data-parallel ranks for this world size (context-parallel ranks excluded)."""
+        p = self.parallel
+        return world_size // (p.tensor * p.pipeline * p.context)
+
+    def validate(self, world_size: int, *, check_environment: bool = True) -> None:
         """Check the run against the parallel layout; raise ConfigError naming the values.
 
         Args:
             world_size: number of ranks the run will use.
+            check_environment: also check this machine (Transformer Engine installed where the
+                run needs it); False for a run whose ranks start elsewhere (a cluster image),
+                where use_transformer_engine=None is taken to find TE.
         """
         _check_int("world_size", "world_size", world_size, 1)
         p, m = self.parallel, self.model
-        tp, pp, ep = p.tensor, p.pipeline, p.expert
+        tp, pp, ep, cp = p.tensor, p.pipeline, p.expert, p.context
         errors: list[str] = []
 
         def need(ok: bool, message: str) -> None:
             if not ok:
                 errors.append(message)
 
-        need(
-            world_size % (tp * pp) == 0,
-            f"world_size={world_size} is not divisible by parallel.tensor * parallel.pipeline"
-            f" = {tp} * {pp} = {tp * pp}; launch a multiple of {tp * pp} ranks, or change them",
-        )
+        if cp == 1:
+            need(
+                world_size % (tp * pp) == 0,
+                f"world_size={world_size} is not divisible by parallel.tensor * parallel.pipeline"
+                f" = {tp} * {pp} = {tp * pp}; launch a multiple of {tp * pp} ranks, or change "
+                "them",
+            )
+        else:
+            need(
+                world_size % (tp * pp * cp) == 0,
+                f"world_size={world_size} is not divisible by parallel.tensor * parallel.pipeline"
+                f" * parallel.context = {tp} * {pp} * {cp} = {tp * pp * cp}; launch a multiple "
+                f"of {tp * pp * cp} ranks, or change them",
+            )
         need(
             m.num_attention_heads % tp == 0,
             f"parallel.tensor={tp} does not divide model.num_attention_heads="
@@ -402,12 +476,22 @@ class TrainConfig:
             f"seq_length={self.sequence_length} exceeds the model's maximum sequence length "
             f"model.seq_length={m.seq_length}; lower seq_length or raise model.seq_length",
         )
-        if p.use_sequence_parallel:
+        if cp > 1:
             need(
-                self.sequence_length % tp == 0,
+                self.sequence_length % (2 * cp) == 0,
+                f"parallel.context={cp} needs a sequence length divisible by 2 * context = "
+                f"{2 * cp} (each sequence is split into that many chunks), got "
+                f"{self.sequence_length}; use a multiple of {2 * cp}",
+            )
+        local_length = self.sequence_length // cp  # the tokens of one context-parallel shard
+        splits = cp == 1 or self.sequence_length % (2 * cp) == 0  # else reported above
+        if p.use_sequence_parallel and splits:
+            where = f" / parallel.context={cp} = {local_length}" if cp > 1 else ""
+            need(
+                local_length % tp == 0,
                 f"parallel.tensor={tp} does not divide the sequence length "
-                f"{self.sequence_length} (sequence parallelism splits the sequence); use a "
-                f"seq_length that is a multiple of {tp}",
+                f"{self.sequence_length}{where} (sequence parallelism splits the sequence); use "
+                f"a seq_length that is a multiple of {tp * (2 * cp if cp > 1 else 1)}",
             )
         if m.is_moe:
             need(
@@ -428,13 +512,14 @@ class TrainConfig:
                 )
         else:
             need(ep == 1, f"parallel.expert={ep} needs an MoE model (model.num_experts=0)")
-        if world_size % (tp * pp) == 0:
+        if world_size % (tp * pp * cp) == 0:
             dp = self.data_parallel_size(world_size)
+            context = f" * context={cp}" if cp > 1 else ""
             need(
                 dp % ep == 0,
                 f"parallel.expert={ep} does not divide the data-parallel size {dp} "
-                f"(world_size={world_size} / (tensor={tp} * pipeline={pp})); sizes that do: "
-                f"{_divisors(dp)}",
+                f"(world_size={world_size} / (tensor={tp} * pipeline={pp}{context})); sizes "
+                f"that do: {_divisors(dp)}",
             )
             step = self.micro_batch_size * dp
             below = self.global_batch_size // step * step
@@ -457,7 +542,7 @@ class TrainConfig:
             f"length {decay}",
         )
         need(bool(self.data.paths), "data.paths is empty: give at least one indexed dataset prefix")
-        if self.use_transformer_engine:
+        if self.use_transformer_engine and check_environment:
             from megatron_ext.models import have_transformer_engine
 
             need(
@@ -465,6 +550,25 @@ class TrainConfig:
                 "use_transformer_engine=True, but Transformer Engine is not installed "
                 "(install megatron_ext[te] on a CUDA machine, or use the local spec)",
             )
+        if cp > 1:
+            # megatron-core's context parallelism lives in TE's attention (TEDotProductAttention);
+            # its local attention refuses it.
+            need(
+                self.use_transformer_engine is not False,
+                f"parallel.context={cp} needs the Transformer Engine layer spec (megatron-core "
+                "implements context parallelism in TE's attention only), but "
+                "use_transformer_engine=False; set use_transformer_engine to true or None, or "
+                "parallel.context=1 (e.g. with a larger parallel.tensor)",
+            )
+            if self.use_transformer_engine is None and check_environment:
+                need(
+                    self.uses_transformer_engine,
+                    f"parallel.context={cp} needs Transformer Engine (megatron-core implements "
+                    "context parallelism in TE's attention only), which is not installed here "
+                    "(use_transformer_engine=None found none); install megatron_ext[te] on a "
+                    "CUDA machine, or use parallel.context=1 (e.g. with a larger "
+                    "parallel.tensor)",
+                )
         if self.checkpoint.keep_last and not self.checkpoint.save_dir:
             errors.append(
                 f"checkpoint.keep_last={self.checkpoint.keep_last} needs checkpoint.save_dir"
@@ -538,6 +642,7 @@ def config_from_dict(values: dict[str, Any]) -> TrainConfig:
         model_cfg = model
     else:
         raise ConfigError(f"model must be a preset name or a table, got {model!r}")
+    _migrate_recompute_activations(values)
     kwargs: dict[str, Any] = {"model": model_cfg}
     for key, value in values.items():
         cls = _SECTIONS.get(key)
@@ -553,6 +658,27 @@ def config_from_dict(values: dict[str, Any]) -> TrainConfig:
         else:
             raise ConfigError(f"{key} must be a table, got {value!r}")
     return _build(TrainConfig, kwargs, "the configuration")
+
+
+def _migrate_recompute_activations(values: dict[str, Any]) -> None:
+    """The former boolean `recompute_activations` (config files and the config.json of older
+    checkpoints) as `recompute`: true is 'full', false is 'none' (in place)."""
+    if "recompute_activations" not in values:
+        return
+    legacy = values.pop("recompute_activations")
+    if not isinstance(legacy, bool):
+        raise ConfigError(
+            f"the configuration: recompute_activations must be true or false, got {legacy!r} "
+            "(it is the former spelling of recompute = 'full' / 'none')"
+        )
+    meant = "full" if legacy else "none"
+    given = values.get("recompute", meant)
+    if given != meant:
+        raise ConfigError(
+            f"the configuration sets recompute_activations={legacy} and recompute={given!r}; "
+            f"keep recompute only (recompute_activations={legacy} means recompute={meant!r})"
+        )
+    values["recompute"] = meant
 
 
 def config_to_dict(config: TrainConfig) -> dict[str, Any]:

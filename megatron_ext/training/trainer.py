@@ -1,12 +1,15 @@
 """Pre-training with the reward-shaped loss, built from megatron-core parts.
 
-parallel_state (TP, PP, EP, DP) -> ShapedLossGPTModel (local or TE spec) -> megatron DDP ->
-get_megatron_optimizer (AdamW, distributed optimizer optional) -> OptimizerParamScheduler
-(warmup-stable-decay) -> get_forward_backward_func over micro-batches of GPTDataset samples ->
-finalize_model_grads (grads divided by the global loss-token count) -> dist_checkpointing.
+parallel_state (TP, PP, CP, EP, DP) -> ShapedLossGPTModel (local or TE spec) -> megatron DDP
+(gradient reduce and parameter all-gather optionally overlapped with the backward and forward
+passes, bucket by bucket) -> get_megatron_optimizer (AdamW, distributed optimizer optional) ->
+OptimizerParamScheduler (warmup-stable-decay) -> get_forward_backward_func over micro-batches of
+GPTDataset samples -> finalize_model_grads (grads divided by the global loss-token count, summed
+over the data- and context-parallel ranks) -> dist_checkpointing.
 
 The same code runs with NCCL on GPUs and with gloo on CPU (megatron_ext.core.cpu_compat bridges
-megatron-core's CUDA-only calls when no GPU is present). Entry point: `pretrain(config)`.
+megatron-core's CUDA-only calls when no GPU is used; TrainConfig.device chooses). Entry point:
+`pretrain(config)`.
 """
 
 from __future__ import annotations
@@ -58,10 +61,11 @@ from megatron_ext.training.checkpoint import (
 )
 from megatron_ext.training.config import ConfigError, TrainConfig, config_to_dict
 from megatron_ext.training.data import BatchPlan, MicroBatch, build_datasets
+from megatron_ext.training.device import resolve_device
 from megatron_ext.training.metrics import LOSS_SUM_FIELDS, MetricsWriter, sums_to_metrics
 from megatron_ext.training.start import StartPlan, apply_start_plan, plan_start
 
-__all__ = ["NonFiniteError", "StepResult", "TrainResult", "pretrain"]
+__all__ = ["NonFiniteError", "StepResult", "TrainResult", "context_parallel_shard", "pretrain"]
 
 
 class NonFiniteError(RuntimeError):
@@ -138,15 +142,18 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _init_distributed(config: TrainConfig) -> bool:
-    """Create the default process group unless the caller did; returns whether we created it."""
-    if not torch.cuda.is_available():
-        install_cpu_compat()
+def _init_distributed(config: TrainConfig, device: str) -> bool:
+    """Create the default process group unless the caller did; returns whether we created it.
+
+    device: 'cuda' or 'cpu' (resolve_device of config.device); on the CPU megatron's CUDA-only
+    calls are bridged (and GPUs hidden from this process when some are visible)."""
+    if device == "cpu":
+        install_cpu_compat(force=True)
     else:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if dist.is_initialized():
         return False
-    backend = config.backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    backend = config.backend or ("nccl" if device == "cuda" else "gloo")
     if "MASTER_ADDR" not in os.environ and _world_size() == 1:
         # A single process started without torchrun: rendezvous with itself on a free port.
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -194,7 +201,7 @@ def _plan_start(config: TrainConfig) -> StartPlan:
         except (ConfigError, CheckpointError) as exc:
             out[0] = exc
         notice = transformer_engine_notice()
-        if notice and not config.use_transformer_engine:
+        if notice and not config.uses_transformer_engine:
             print(notice, flush=True)
     dist.broadcast_object_list(out, src=0)
     if isinstance(out[0], Exception):
@@ -213,7 +220,8 @@ def _loss_func(
     (NaN where unknown: diagnostics not computed this step)."""
     mask = loss_mask.float()  # [b, s]
     keep = mask > 0
-    loss_sum = (output_tensor.float() * mask).sum()
+    # where, not a product: a masked position contributes 0 even if its value is not finite.
+    loss_sum = torch.where(keep, output_tensor.float() * mask, 0.0).sum()
     tokens = mask.sum()
     with torch.no_grad():
         zero = torch.zeros((), device=mask.device)
@@ -239,13 +247,40 @@ def _loss_func(
     return loss_sum, tokens.to(torch.int), {"sums": sums.double()}
 
 
+def context_parallel_shard(x: torch.Tensor, cp_size: int, cp_rank: int) -> torch.Tensor:
+    """This context-parallel rank's positions of a [b, s] tensor: the sequence cut into
+    2 * cp_size equal chunks, rank r keeping chunks r and 2 * cp_size - 1 - r (the load-balanced
+    order of causal attention that megatron-core's CP attention and RoPE expect).
+
+    Returns:
+        [b, s / cp_size]; x itself when cp_size is 1.
+    """
+    if cp_size == 1:
+        return x
+    b, s = x.shape
+    chunks = x.view(b, 2 * cp_size, s // (2 * cp_size))  # [b, 2cp, s/2cp]
+    mine = torch.tensor([cp_rank, 2 * cp_size - 1 - cp_rank], device=x.device)
+    return chunks.index_select(1, mine).reshape(b, s // cp_size)  # [b, s/cp]
+
+
 def _forward_step(data_iterator, model: torch.nn.Module):
     batch: MicroBatch = next(data_iterator)
-    labels = batch.labels.masked_fill(batch.loss_mask == 0, IGNORE_INDEX)  # [b, s]
-    output = model(batch.tokens, batch.position_ids, None, labels=labels)
+    tokens, positions, loss_mask = batch.tokens, batch.position_ids, batch.loss_mask  # [b, s]
+    labels = batch.labels.masked_fill(loss_mask == 0, IGNORE_INDEX)  # [b, s]
+    cp_size = parallel_state.get_context_parallel_world_size()
+    if cp_size > 1:
+        # Each CP rank computes its shard of every sequence; megatron sums the loss-token
+        # counts over the data- and context-parallel ranks (finalize_model_grads), so a shard
+        # with fewer, or no, loss tokens weighs what its tokens weigh.
+        cp_rank = parallel_state.get_context_parallel_rank()
+        tokens, positions, labels, loss_mask = (
+            context_parallel_shard(t, cp_size, cp_rank)
+            for t in (tokens, positions, labels, loss_mask)
+        )  # [b, s/cp]
+    output = model(tokens, positions, None, labels=labels)
     inner = unwrap_model(model)
     loss_is_ce = inner.native_cross_entropy or inner.shaping.is_cross_entropy
-    return output, partial(_loss_func, batch.loss_mask, inner.last_loss_stats, loss_is_ce)
+    return output, partial(_loss_func, loss_mask, inner.last_loss_stats, loss_is_ce)
 
 
 class Trainer:
@@ -269,6 +304,7 @@ class Trainer:
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=par.tensor,
             pipeline_model_parallel_size=par.pipeline,
+            context_parallel_size=par.context,
             expert_model_parallel_size=par.expert,
         )
         seed = cfg.seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
@@ -278,21 +314,23 @@ class Trainer:
         model_parallel_cuda_manual_seed(seed)
 
         params_dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+        use_te = cfg.uses_transformer_engine
         self.tconfig = to_transformer_config(
             cfg.model,
             tensor_parallel=par.tensor,
             pipeline_parallel=par.pipeline,
             expert_parallel=par.expert,
+            context_parallel=par.context,
             sequence_parallel=par.use_sequence_parallel,
             params_dtype=params_dtype,
-            use_transformer_engine=cfg.use_transformer_engine,
-            recompute_activations=cfg.recompute_activations,
+            use_transformer_engine=use_te,
+            recompute=cfg.recompute,
         )
         model: torch.nn.Module = build_model(
             cfg.model,
             self.tconfig,
             cfg.shaping,
-            use_transformer_engine=cfg.use_transformer_engine,
+            use_transformer_engine=use_te,
             native_cross_entropy=cfg.native_cross_entropy,
             fused_output_loss=cfg.fused_output_loss,
         )
@@ -304,9 +342,15 @@ class Trainer:
         model.input_flags = self.input_flags
         if cfg.bf16:
             model = Float16Module(self.tconfig, model)
+        # Overlap: each bucket's reduce starts in the backward pass once its gradients are
+        # complete (the fused output loss adds the output weight's gradient to main_grad before
+        # its hook fires, so its bucket waits for it); with overlap_param_gather the optimizer
+        # step leaves the all-gather to forward pre-hooks of the next forward pass.
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
-            overlap_grad_reduce=False,
+            overlap_grad_reduce=par.overlap_grad_reduce,
+            overlap_param_gather=par.overlap_param_gather,
+            bucket_size=par.ddp_bucket_size,
             use_distributed_optimizer=par.distributed_optimizer,
         )
         self.model = DistributedDataParallel(self.tconfig, ddp_config, model)
@@ -325,6 +369,7 @@ class Trainer:
                 bf16=cfg.bf16,
                 params_dtype=params_dtype,
                 use_distributed_optimizer=par.distributed_optimizer,
+                overlap_param_gather=par.overlap_param_gather,
             ),
             [self.model],
         )
@@ -348,7 +393,14 @@ class Trainer:
         )
         self.tconfig.grad_scale_func = self.optimizer.scale_loss
         self.tconfig.finalize_model_grads_func = finalize_model_grads
+        # As megatron's own loop sets them: the schedule holds the gradient reduce back
+        # (no_sync) until the last micro-batch, and with overlap every pipeline stage but the
+        # first launches its remaining reduces together after its last backward (grad_sync_func,
+        # megatron's align_grad_reduce). param_sync_func serves the interleaved schedule only,
+        # which this trainer does not use: the forward pre-hooks wait for the all-gathers.
         self.tconfig.no_sync_func = self.model.no_sync
+        if par.overlap_grad_reduce:
+            self.tconfig.grad_sync_func = self.model.start_grad_sync
         self.forward_backward = get_forward_backward_func()
         self._sigterm: _SigtermFlag | None = None
 
@@ -386,6 +438,14 @@ class Trainer:
 
     def _set_loss_stats(self, enabled: bool) -> None:
         unwrap_model(self.model).compute_loss_stats = enabled
+
+    def sync_params(self) -> None:
+        """With overlap_param_gather, finish gathering the updated parameters now (the forward
+        pre-hooks would otherwise do it in the next forward pass): before a checkpoint is saved
+        and when the run ends, so that every rank's weights are the optimizer's. A no-op
+        otherwise (the optimizer step gathers them)."""
+        if self.config.parallel.overlap_param_gather:
+            self.model.start_param_sync(force_sync=True)
 
     def _grads_finite(self) -> torch.Tensor:
         """Whether this rank's reduced gradient buffers are all finite (a sum is NaN or infinite
@@ -520,6 +580,7 @@ class Trainer:
         return state["step"], state["consumed_samples"]
 
     def _save(self, step: int, consumed: int) -> None:
+        self.sync_params()
         save_checkpoint(
             self.config.checkpoint.save_dir,
             step=step,
@@ -645,6 +706,7 @@ class Trainer:
             self.writer.close()
             if samples_log is not None:
                 samples_log.close()
+        self.sync_params()
         result.final_step = step
         if rank0 and not result.stopped_by_signal:
             print(self._final_line(result), flush=True)
@@ -685,7 +747,8 @@ def trainer_session(config: TrainConfig) -> Iterator[Trainer]:
     """A Trainer for `config` (validated first), with the process group and megatron's parallel
     state set up around it and torn down after (a process group made by the caller is kept)."""
     config.validate(_world_size())
-    owns_group = _init_distributed(config)
+    device = resolve_device(config.device)
+    owns_group = _init_distributed(config, device)
     groups_before = process_groups()
     # SIGTERM is noted from here on, so that one arriving while the run starts up is honoured at
     # its first step too (only with somewhere to save to).

@@ -403,7 +403,8 @@ def _check_optimizer_compatible(
             f"pipeline={pp}, tensor={tp}; the data-parallel size may change). Resume it once at "
             f"pipeline={saved_pp}, tensor={saved_tp}: the checkpoints that run saves are in the "
             f"{DISTRIB_OPTIM_FORMAT!r} format, which loads at any layout; or load the weights "
-            "only (checkpoint.load_optimizer=False)"
+            f"only (checkpoint.load_optimizer=False, with checkpoint.load_dir={path.parent} and "
+            "another save_dir)"
         )
 
 

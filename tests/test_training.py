@@ -275,37 +275,51 @@ def distopt_tp1(pool2, data_prefix, tmp_path_factory) -> tuple[TrainConfig, dict
     return config, pool2.run(w.train, config)[0], root
 
 
-def _distopt_resume(config: TrainConfig, root: str, **parallel) -> TrainConfig:
+def _distopt_resume(
+    config: TrainConfig, root: str, step: int = 2, save_dir: str | None = None, **parallel
+) -> TrainConfig:
+    """`config` at another layout, resumed from `root`'s checkpoint of `step`; with save_dir, a
+    checkpoint after every step."""
     return dataclasses.replace(
         config,
         parallel=ParallelConfig(distributed_optimizer=True, **parallel),
-        checkpoint=CheckpointConfig(load_dir=root, load_step=2),
+        checkpoint=CheckpointConfig(
+            load_dir=root, load_step=step, save_dir=save_dir, save_interval=1 if save_dir else 0
+        ),
     )
 
 
-def test_distributed_optimizer_resumes_at_tp2_and_pp2_with_adam_state(pool2, distopt_tp1):
+def test_distributed_optimizer_resumes_at_tp2_and_pp2_and_back_with_adam_state(
+    pool2, distopt_tp1, tmp_path
+):
     """The TP=1 distributed-optimizer checkpoint of step 2 (megatron's 'fully_reshardable'
     format) resumed at TP=2 and at PP=2 reproduces the TP=1 run's steps 3-5 within the
-    invariance tolerance. That needs Adam's moments carried over: the same resume with them
-    zeroed after loading (weights, step, schedule and data position kept) misses by far more
-    (measured: 1.2e-7 against 0.058 at step 4)."""
+    invariance tolerance, and so does each of those runs' step-3 checkpoint resumed back at TP=1
+    (steps 4-5). That needs Adam's moments carried over: the TP=2 resume with them zeroed after
+    loading (weights, step, schedule and data position kept) misses by far more (measured:
+    1.2e-7 against 0.058 at step 4; the first step's loss is the loaded weights' alone)."""
     config, reference, root = distopt_tp1
-    ref_losses = _losses(reference)[2:]
-    ref_gnorms = [r["grad_norm"] for r in reference["records"][2:]]
-    for parallel in ({"tensor": 2}, {"pipeline": 2}):
-        result = pool2.run(w.train, _distopt_resume(config, root, **parallel))[0]
-        assert result["start_step"] == 2
-        assert _losses(result) == pytest.approx(ref_losses, abs=INVARIANCE_TOL), (
-            parallel,
-            _losses(result),
-            ref_losses,
-        )
-        assert [r["grad_norm"] for r in result["records"]] == pytest.approx(ref_gnorms, rel=1e-4)
+    ref_losses = _losses(reference)
+    ref_gnorms = [r["grad_norm"] for r in reference["records"]]
+
+    def check(result: dict, start: int, what: str) -> None:
+        assert result["start_step"] == start, what
+        losses = _losses(result)
+        assert losses == pytest.approx(ref_losses[start:], abs=INVARIANCE_TOL), (what, losses)
+        gnorms = [r["grad_norm"] for r in result["records"]]
+        assert gnorms == pytest.approx(ref_gnorms[start:], rel=1e-4), (what, gnorms)
+
+    for name, parallel in (("tp2", {"tensor": 2}), ("pp2", {"pipeline": 2})):
+        there = str(tmp_path / name)
+        resumed = pool2.run(w.train, _distopt_resume(config, root, save_dir=there, **parallel))
+        check(resumed[0], 2, name)
+        back = pool2.run(w.train, _distopt_resume(config, there, step=3))  # TP=1, DP=2 again
+        check(back[0], 3, f"{name} -> tp1")
     zeroed = pool2.run(
         w.train_with_adam_moments_zeroed_after_load, _distopt_resume(config, root, tensor=2)
     )[0]
     assert zeroed["start_step"] == 2
-    misses = [abs(a - b) for a, b in zip(_losses(zeroed), ref_losses)]
+    misses = [abs(a - b) for a, b in zip(_losses(zeroed), ref_losses[2:])]
     assert max(misses) > 100 * INVARIANCE_TOL, misses
 
 

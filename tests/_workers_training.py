@@ -30,3 +30,55 @@ def train_and_report_buckets(config) -> dict[str, Any]:
         buckets = len(trainer.model.bucket_groups)
         weights = torch.cat([p.detach().float().flatten() for p in trainer.model.parameters()])
     return {"records": result.records, "bucket_groups": buckets, "weights": weights}
+
+
+def train_saving_old_optimizer_format(config) -> dict[str, Any]:
+    """train(config), the distributed optimizer saved in megatron's 'dp_reshardable' format, as
+    megatron_ext saved it before 'fully_reshardable' (the checkpoints users already have)."""
+    from unittest import mock
+
+    from megatron_ext.training import checkpoint
+
+    with mock.patch.object(checkpoint, "DISTRIB_OPTIM_FORMAT", "dp_reshardable"):
+        return train(config)
+
+
+def train_with_adam_moments_zeroed_after_load(config) -> dict[str, Any]:
+    """train(config) with Adam's moments zeroed right after the checkpoint loads (weights, step,
+    schedule and data position kept): what a resume that lost the moments would do."""
+    from unittest import mock
+
+    from megatron_ext.training import trainer
+
+    original = trainer.load_checkpoint
+
+    def load_then_zero_moments(*args, **kwargs):
+        state = original(*args, **kwargs)
+        optimizer = kwargs["optimizer"]
+        for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+            for param_state in sub.optimizer.state.values():
+                param_state["exp_avg"].zero_()
+                param_state["exp_avg_sq"].zero_()
+        return state
+
+    with mock.patch.object(trainer, "load_checkpoint", load_then_zero_moments):
+        return train(config)
+
+
+def train_without_adam_step_workaround(config) -> str | None:
+    """train(config) with checkpoint._adam_step_kept_on_load switched off: the KeyError it raises
+    (as text), or None when the run went through."""
+    import contextlib
+    from unittest import mock
+
+    from megatron_ext.training import checkpoint
+
+    unpatched = mock.patch.object(
+        checkpoint, "_adam_step_kept_on_load", lambda optimizer: contextlib.nullcontext()
+    )
+    with unpatched:
+        try:
+            train(config)
+        except KeyError as exc:
+            return f"KeyError: {exc}"
+    return None

@@ -14,9 +14,8 @@ its gradient reaches megatron DDP's main_grad buffer in fp32. The output layer's
 pre-hooks run before its weight is read, as a call of the layer would run them: megatron DDP's
 overlapped parameter all-gather (overlap_param_gather) waits there for the weight's bucket, which
 the fused path would otherwise read before the all-gather has finished. Multi-token-prediction
-heads keep
-megatron's unfused path (GPTModel computes them before the output processor runs); so does a
-model with MuP logit scaling. Without labels (inference) it returns the logits as GPTModel does.
+heads keep megatron's unfused path (GPTModel computes them before the output processor runs); so
+does a model with MuP logit scaling. Without labels (inference) it returns the logits as GPTModel does.
 """
 
 from __future__ import annotations

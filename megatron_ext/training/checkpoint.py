@@ -15,10 +15,12 @@ written: a checkpoint with NaN or infinite weights is never saved.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import random
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -123,19 +125,41 @@ def _rng_sharded_object(state: Any) -> ShardedObject:
     return ShardedObject("rng_state", state, (pp, tp, dp), offset, replica_id=0)
 
 
-def _metadata(distributed_optimizer: bool) -> dict[str, Any]:
+# The distributed optimizer's checkpoint format (megatron-core's distrib_optim_sharding_type).
+# 'fully_reshardable' stores Adam's state per parameter in model space (the parameter's own
+# sharding), so it loads at any TP/PP/DP layout; saving gathers each data-parallel group's shards
+# (and loading reads them whole), so either holds the optimizer state of one TP/PP shard in host
+# memory on every rank for a moment. Checkpoints saved before it was the default hold
+# 'dp_reshardable' (per-bucket state, resharded over DP only): they load at their own TP/PP sizes,
+# the format being read from the checkpoint (_saved_optimizer_format).
+DISTRIB_OPTIM_FORMAT = "fully_reshardable"
+_MODEL_SPACE_FORMATS = ("fully_reshardable", "fully_sharded_model_space")
+
+
+def _metadata(
+    distributed_optimizer: bool, optim_format: str = DISTRIB_OPTIM_FORMAT
+) -> dict[str, Any]:
     metadata: dict[str, Any] = {
         "singleton_local_shards": False,
         "chained_optim_avoid_prefix": True,
         "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True),
     }
     if distributed_optimizer:
-        # megatron-training's default. The formats that reshard across TP/PP ('fully_reshardable',
-        # 'fully_sharded_model_space') do not load with torch's AdamW in megatron-core 0.19 (the
-        # per-parameter 'step' tensor of the torch optimizer has no counterpart in the checkpoint:
-        # KeyError 'step' in _set_main_param_and_optimizer_states); this one stores it.
-        metadata["distrib_optim_sharding_type"] = "dp_reshardable"
+        metadata["distrib_optim_sharding_type"] = optim_format
     return metadata
+
+
+def _saved_optimizer_format(common: dict[str, Any]) -> str | None:
+    """The distributed optimizer's format in a checkpoint's common state (megatron's own
+    'param_state_sharding_type', the same in every chained optimizer), or None without one."""
+    stack = [common.get("optimizer")]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if isinstance(node.get("param_state_sharding_type"), str):
+                return node["param_state_sharding_type"]
+            stack.extend(node.values())
+    return None
 
 
 def _sharded_state_dict(
@@ -144,8 +168,9 @@ def _sharded_state_dict(
     distributed_optimizer: bool,
     is_loading: bool,
     rng: Any = None,
+    optim_format: str = DISTRIB_OPTIM_FORMAT,
 ) -> dict[str, Any]:
-    metadata = _metadata(distributed_optimizer)
+    metadata = _metadata(distributed_optimizer, optim_format)
     # The bare model (not DDP / Float16Module): sharded keys as megatron's own checkpoints have.
     state: dict[str, Any] = {"model": unwrap_model(model).sharded_state_dict(metadata=metadata)}
     if optimizer is not None:
@@ -171,13 +196,14 @@ def _distributed_torch_adams(optimizer: MegatronOptimizer) -> list[torch.optim.O
 
 # Without Apex or Transformer Engine, megatron-core 0.19's DistributedOptimizer keeps torch Adam's
 # step in two places: per parameter in the torch state (a tensor) and per param group in its own
-# state dict. Two workarounds keep resuming exact:
+# state dict. Three workarounds keep resuming exact:
 # - state_dict() asserts that the per-parameter steps hold exactly one value, so building the
 #   sharded state dict to load into a never-stepped optimizer fails: give it zero state first
 #   (what torch's Adam creates on its first step; the checkpoint overwrites all of it);
 # - the dp_reshardable loader copies the per-parameter 'step' from the pre-load state (it is not
 #   among the tensors read from the checkpoint), while the checkpoint's step arrives in the param
-#   groups: copy it back to every parameter after loading.
+#   groups: copy it back to every parameter after loading;
+# - the model-space loaders fail outright: _adam_step_kept_on_load, below.
 
 
 def _materialize_distributed_adam_state(optimizer: MegatronOptimizer) -> None:
@@ -202,6 +228,43 @@ def _restore_distributed_adam_steps(optimizer: MegatronOptimizer) -> None:
                 state = inner.state[param]
                 if "step" in state:
                     state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
+
+
+# megatron-core 0.19.2: the model-space formats ('fully_reshardable', 'fully_sharded_model_space')
+# store no per-parameter 'step' (it is read from the param groups), so their loaders
+# (load_parameter_state_from_fully_reshardable / _from_fs_model_space) hand
+# DistributedOptimizer._set_main_param_and_optimizer_states each parameter's tensors without it,
+# and that method copies every tensor of torch Adam's state, 'step' included: KeyError 'step'
+# (with Apex's or Transformer Engine's Adam the step lives in the param groups only). While
+# loading, each DistributedOptimizer gets, on the instance, a version that keeps the parameter's
+# own step (set from the checkpoint's param groups by load_state_dict just before).
+# tests/test_training.py::test_megatron_still_needs_the_adam_step_workaround fails once megatron
+# loads these formats without it: then remove this context manager.
+@contextlib.contextmanager
+def _adam_step_kept_on_load(optimizer: MegatronOptimizer) -> Iterator[None]:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    subs = [
+        sub
+        for sub in getattr(optimizer, "chained_optimizers", [optimizer])
+        if isinstance(sub, DistributedOptimizer)
+    ]
+    for sub in subs:
+        original = sub._set_main_param_and_optimizer_states
+
+        def set_states(model_param, tensors, sub=sub, original=original):
+            if "step" not in tensors:
+                own = sub._get_main_param_and_optimizer_states(model_param)
+                if "step" in own:
+                    tensors = {**tensors, "step": own["step"]}
+            original(model_param, tensors)
+
+        sub._set_main_param_and_optimizer_states = set_states
+    try:
+        yield
+    finally:
+        for sub in subs:
+            del sub._set_main_param_and_optimizer_states  # the class's method again
 
 
 def _in_process_writer_queue() -> None:
@@ -266,7 +329,9 @@ def save_checkpoint(
             shutil.rmtree(staging)
         staging.mkdir()
     dist.barrier()
-    state = _sharded_state_dict(model, optimizer, distributed_optimizer, False, _rng_state())
+    state = _sharded_state_dict(
+        model, optimizer, distributed_optimizer, False, _rng_state(), DISTRIB_OPTIM_FORMAT
+    )
     state["scheduler"] = scheduler.state_dict()
     state["train_state"] = {
         "step": step,
@@ -310,9 +375,12 @@ def _prune(root: Path, keep_last: int, keep: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _check_optimizer_compatible(saved: dict, distributed_optimizer: bool, path: Path) -> None:
+def _check_optimizer_compatible(
+    saved: dict, distributed_optimizer: bool, optim_format: str, path: Path
+) -> None:
     """Optimizer state loads only into the same kind of optimizer, and a distributed optimizer's
-    only at the same TP and PP sizes; say so instead of failing deep inside megatron."""
+    saved in the old dp_reshardable format only at the same TP and PP sizes; say so instead of
+    failing deep inside megatron."""
     saved_dist = bool(saved.get("distributed_optimizer", False))
     if saved_dist != distributed_optimizer:
         raise CheckpointError(
@@ -323,12 +391,20 @@ def _check_optimizer_compatible(saved: dict, distributed_optimizer: bool, path: 
         )
     saved_pp, saved_tp, _ = saved["layout"]
     pp, tp, _ = _layout()
-    if distributed_optimizer and (saved_pp, saved_tp) != (pp, tp):
+    if (
+        distributed_optimizer
+        and optim_format not in _MODEL_SPACE_FORMATS
+        and (saved_pp, saved_tp) != (pp, tp)
+    ):
         raise CheckpointError(
-            f"checkpoint {path} was saved with pipeline={saved_pp}, tensor={saved_tp} and a "
-            f"distributed optimizer, whose state resumes only at the same sizes (this run: "
-            f"pipeline={pp}, tensor={tp}; the data-parallel size may change); load the weights "
-            "only (checkpoint.load_optimizer=False) to change them"
+            f"checkpoint {path} holds distributed-optimizer state in megatron's "
+            f"{optim_format!r} format (saved by an earlier megatron_ext), which resumes only at "
+            f"the sizes it was saved with: pipeline={saved_pp}, tensor={saved_tp} (this run: "
+            f"pipeline={pp}, tensor={tp}; the data-parallel size may change). Resume it once at "
+            f"pipeline={saved_pp}, tensor={saved_tp}: the checkpoints that run saves are in the "
+            f"{DISTRIB_OPTIM_FORMAT!r} format, which loads at any layout; or load the weights "
+            f"only (checkpoint.load_optimizer=False, with checkpoint.load_dir={path.parent} and "
+            "another save_dir)"
         )
 
 
@@ -384,7 +460,9 @@ def load_checkpoint(
     `load_optimizer`, into the optimizer, scheduler and RNGs. Returns the saved progress.
 
     The model and optimizer may be loaded at another parallel layout than they were saved with
-    (megatron reshards); RNG states are restored only when the layout is the same.
+    (megatron reshards; Adam's state too, also with the distributed optimizer, except from a
+    checkpoint in the old dp_reshardable format, which only changes the data-parallel size); RNG
+    states are restored only when the layout is the same.
 
     Args:
         model_config: the ModelConfig fields of the run (dataclasses.asdict); when given, a
@@ -392,7 +470,8 @@ def load_checkpoint(
 
     Raises:
         FileNotFoundError: no checkpoint there.
-        CheckpointError: unreadable checkpoint, or one of another model.
+        CheckpointError: unreadable checkpoint, one of another model, or optimizer state that
+            cannot load into this optimizer at this layout.
     """
     if step is None:
         step = latest_step(root)
@@ -421,8 +500,13 @@ def load_checkpoint(
             "checkpoint.init_from (--init-from), or with checkpoint.load_optimizer=false"
         )
     same_layout = tuple(saved["layout"]) == _layout()
+    optim_format = DISTRIB_OPTIM_FORMAT
+    if load_optimizer and distributed_optimizer:
+        # (every distributed-optimizer checkpoint megatron-core 0.19 writes names its format;
+        # without one, the format megatron_ext saved first)
+        optim_format = _saved_optimizer_format(common) or "dp_reshardable"
     if load_optimizer:
-        _check_optimizer_compatible(saved, distributed_optimizer, path)
+        _check_optimizer_compatible(saved, distributed_optimizer, optim_format, path)
     want_rng = load_optimizer and same_layout
     if load_optimizer and distributed_optimizer:
         _materialize_distributed_adam_state(optimizer)
@@ -432,13 +516,14 @@ def load_checkpoint(
         distributed_optimizer,
         True,
         _rng_state() if want_rng else None,
+        optim_format,
     )
     loaded = dist_checkpointing.load(request, str(path))
     unwrap_model(model).load_state_dict(loaded["model"])
     if load_optimizer:
         # no_grad: with fp32 parameters the distributed optimizer's main params are views of the
-        # model's leaf parameters, which megatron's dp_reshardable loader copies into in place.
-        with torch.no_grad():
+        # model's leaf parameters, which megatron's loaders copy into in place.
+        with torch.no_grad(), _adam_step_kept_on_load(optimizer):
             optimizer.load_state_dict(loaded["optimizer"])
         if distributed_optimizer:
             _restore_distributed_adam_steps(optimizer)

@@ -32,17 +32,6 @@ def train_and_report_buckets(config) -> dict[str, Any]:
     return {"records": result.records, "bucket_groups": buckets, "weights": weights}
 
 
-def train_saving_old_optimizer_format(config) -> dict[str, Any]:
-    """train(config), the distributed optimizer saved in megatron's 'dp_reshardable' format, as
-    megatron_ext saved it before 'fully_reshardable' (the checkpoints users already have)."""
-    from unittest import mock
-
-    from megatron_ext.training import checkpoint
-
-    with mock.patch.object(checkpoint, "DISTRIB_OPTIM_FORMAT", "dp_reshardable"):
-        return train(config)
-
-
 def train_with_adam_moments_zeroed_after_load(config) -> dict[str, Any]:
     """train(config) with Adam's moments zeroed right after the checkpoint loads (weights, step,
     schedule and data position kept): what a resume that lost the moments would do."""

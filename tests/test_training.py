@@ -91,6 +91,11 @@ def test_invalid_layouts_are_named(data_prefix, model, parallel, world, message)
         config.validate(world)
 
 
+def test_optimizer_format_is_one_of_megatrons():
+    with pytest.raises(ConfigError, match="optimizer_format='sharded'; choose one of fully_resh"):
+        CheckpointConfig(optimizer_format="sharded")
+
+
 def test_batch_and_schedule_errors(data_prefix):
     with pytest.raises(
         ConfigError, match="global_batch_size=6 is not divisible by micro_batch_size"
@@ -507,12 +512,10 @@ def test_megatron_still_needs_the_adam_step_workaround(pool2, distopt_tp1):
 
 # load_common_state_dict in this (single) process: torch's note that it reads without a group
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
-def test_old_dp_reshardable_checkpoints_resume_at_their_own_layout(
-    pool2, distopt_tp1, tmp_path
-):
-    """A checkpoint in the 'dp_reshardable' format megatron_ext saved before (its format read
-    from the checkpoint) still resumes at its TP/PP sizes, exactly, and that run's checkpoints
-    are 'fully_reshardable'; at TP=2 it is refused on every rank, naming the format, its sizes
+def test_old_dp_reshardable_checkpoints_resume_at_their_own_layout(pool2, distopt_tp1, tmp_path):
+    """A checkpoint in the 'dp_reshardable' format (checkpoint.optimizer_format; what
+    megatron_ext saved before; the format is read from the checkpoint) still resumes at its TP/PP
+    sizes, exactly, and that run's checkpoints are 'fully_reshardable'; at TP=2 it is refused on every rank, naming the format, its sizes
     and the fixes, before any step."""
     from megatron.core import dist_checkpointing
 
@@ -525,12 +528,8 @@ def test_old_dp_reshardable_checkpoints_resume_at_their_own_layout(
 
     config, reference, _ = distopt_tp1
     old, migrated = str(tmp_path / "old"), str(tmp_path / "migrated")
-    pool2.run(
-        w.train_saving_old_optimizer_format,
-        dataclasses.replace(
-            config, train_steps=2, checkpoint=CheckpointConfig(save_dir=old, save_interval=2)
-        ),
-    )
+    old_format = CheckpointConfig(save_dir=old, save_interval=2, optimizer_format="dp_reshardable")
+    pool2.run(w.train, dataclasses.replace(config, train_steps=2, checkpoint=old_format))
     assert saved_format(old, 2) == "dp_reshardable"
     resume = _distopt_resume(config, old)
     resume = dataclasses.replace(
@@ -546,7 +545,7 @@ def test_old_dp_reshardable_checkpoints_resume_at_their_own_layout(
         "'dp_reshardable' format",
         "pipeline=1, tensor=1 (this run: pipeline=1, tensor=2",
         "Resume it once at pipeline=1, tensor=1",
-        "'fully_reshardable' format, which loads at any layout",
+        "checkpoint.optimizer_format='fully_reshardable' (the default)",
         "checkpoint.load_optimizer=False",
     ):
         assert part in message, (part, message)

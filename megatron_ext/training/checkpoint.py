@@ -308,6 +308,7 @@ def save_checkpoint(
     distributed_optimizer: bool,
     extra: dict[str, Any] | None = None,
     keep_last: int = 0,
+    optimizer_format: str | None = None,
 ) -> Path:
     """Save everything a resumed run needs, atomically (see the module docstring); every rank
     calls it. Returns the checkpoint folder.
@@ -315,6 +316,8 @@ def save_checkpoint(
     Args:
         keep_last: after publishing, delete all but the newest `keep_last` checkpoints (0 keeps
             them all).
+        optimizer_format: the distributed optimizer's format (CheckpointConfig.optimizer_format);
+            None: DISTRIB_OPTIM_FORMAT.
 
     Raises:
         NonFiniteWeightsError: some rank's weights are not finite (nothing is written).
@@ -330,7 +333,12 @@ def save_checkpoint(
         staging.mkdir()
     dist.barrier()
     state = _sharded_state_dict(
-        model, optimizer, distributed_optimizer, False, _rng_state(), DISTRIB_OPTIM_FORMAT
+        model,
+        optimizer,
+        distributed_optimizer,
+        False,
+        _rng_state(),
+        optimizer_format or DISTRIB_OPTIM_FORMAT,
     )
     state["scheduler"] = scheduler.state_dict()
     state["train_state"] = {
@@ -398,11 +406,12 @@ def _check_optimizer_compatible(
     ):
         raise CheckpointError(
             f"checkpoint {path} holds distributed-optimizer state in megatron's "
-            f"{optim_format!r} format (saved by an earlier megatron_ext), which resumes only at "
-            f"the sizes it was saved with: pipeline={saved_pp}, tensor={saved_tp} (this run: "
-            f"pipeline={pp}, tensor={tp}; the data-parallel size may change). Resume it once at "
-            f"pipeline={saved_pp}, tensor={saved_tp}: the checkpoints that run saves are in the "
-            f"{DISTRIB_OPTIM_FORMAT!r} format, which loads at any layout; or load the weights "
+            f"{optim_format!r} format (checkpoint.optimizer_format, or an earlier megatron_ext), "
+            f"which resumes only at the sizes it was saved with: pipeline={saved_pp}, "
+            f"tensor={saved_tp} (this run: pipeline={pp}, tensor={tp}; the data-parallel size may "
+            f"change). Resume it once at pipeline={saved_pp}, tensor={saved_tp} with "
+            f"checkpoint.optimizer_format={DISTRIB_OPTIM_FORMAT!r} (the default): the checkpoints "
+            "that run saves load at any layout; or load the weights "
             f"only (checkpoint.load_optimizer=False, with checkpoint.load_dir={path.parent} and "
             "another save_dir)"
         )

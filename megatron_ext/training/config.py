@@ -257,8 +257,19 @@ class CheckpointConfig:
     save_on_sigterm: bool = True
     """On SIGTERM (Slurm preemption, torchrun shutdown) finish the current step, save a
     checkpoint and return; needs save_dir."""
+    optimizer_format: str = "fully_reshardable"
+    """How the distributed optimizer's state is saved (megatron's distrib_optim_sharding_type):
+    "fully_reshardable" resumes at any TP/PP/DP layout, but a save or load holds one TP/PP
+    shard's optimizer state (12 bytes a parameter) in host memory on every rank for a moment;
+    "dp_reshardable" (megatron-training's default) holds only the rank's own part and resumes
+    at another DP size only."""
 
     def __post_init__(self) -> None:
+        if self.optimizer_format not in OPTIMIZER_FORMATS:
+            raise ConfigError(
+                f"checkpoint.optimizer_format={self.optimizer_format!r}; choose one of "
+                f"{', '.join(OPTIMIZER_FORMATS)}"
+            )
         _check_int("CheckpointConfig", "save_interval", self.save_interval, 0)
         _check_int("CheckpointConfig", "keep_last", self.keep_last, 0)
         if self.load_step is not None:
@@ -272,6 +283,10 @@ class CheckpointConfig:
                 "load_dir continues a run (or takes its weights with load_optimizer=false); set "
                 "one of them"
             )
+
+
+OPTIMIZER_FORMATS = ("fully_reshardable", "dp_reshardable")
+"""CheckpointConfig.optimizer_format's choices."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

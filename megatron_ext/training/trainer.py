@@ -591,6 +591,7 @@ class Trainer:
             distributed_optimizer=self.config.parallel.distributed_optimizer,
             extra={"config": config_to_dict(self.config)},
             keep_last=self.config.checkpoint.keep_last,
+            optimizer_format=self.config.checkpoint.optimizer_format,
         )
 
     def _sample_log(self, step: int, batches: list[MicroBatch]) -> dict[str, Any] | None:

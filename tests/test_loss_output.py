@@ -5,15 +5,16 @@ GPTModel (sequence parallelism, tied embeddings, megatron DDP's main_grad), on g
 Tolerances, fp32: the loss within 1e-6 relative to its largest element. The logits of a chunk and
 of the whole matmul are the same dot products, but the CPU's matmul picks its blocking by the
 number of rows, so they may differ by a few ulps (measured: 3e-5 at logits near 100); the
-statistics within 1e-5 (as in test_loss_parallel: entropy = log S - T / S cancels, and at
-positions with p(x) near 1 the few-ulp logit differences show at 3e-6). The gradients of the hidden states and of the weight within 1e-5 relative
-to their largest element (the fused path sums dz^T h over chunks where the single matmul sums
-over all positions at once: a different fp32 summation order, ~1e-7 relative per element; a
-relative bound per element would be meaningless where the sums cancel). bf16: the logits are
-the same bf16 values, so the loss keeps 1e-6; the gradients come back in bf16 and may differ by
-two bf16 roundings (2**-7 relative): the fused path accumulates the weight gradient in fp32 and
-rounds once at the end where the unfused bf16 matmul rounds its own result, and "precompute"
-rounds dz for an upstream gradient of 1 where the unfused path rounds it after the scaling.
+statistics within 1e-5 (as in test_loss_parallel: entropy = log S - T / S cancels, and at positions
+with p(x) near 1 the few-ulp logit differences show at 3e-6). The gradients of the hidden states
+and of the weight within 1e-5 relative to their largest element (the fused path sums dz^T h over
+chunks where the single matmul sums over all positions at once: a different fp32 summation order,
+~1e-7 relative per element; a relative bound per element would be meaningless where the sums
+cancel). bf16: the logits are the same bf16 values, so the loss keeps 1e-6; the gradients come back
+in bf16 and may differ by two bf16 roundings (2**-7 relative): the fused path accumulates the
+weight gradient in fp32 and rounds once at the end where the unfused bf16 matmul rounds its own
+result, and "precompute" rounds dz for an upstream gradient of 1 where the unfused path rounds it
+after the scaling.
 """
 
 from __future__ import annotations
@@ -301,7 +302,7 @@ def _readme_example() -> str:
     from pathlib import Path
 
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    blocks = re.findall(r"```python\n(.*?)```", text, re.DOTALL)
     return next(b for b in blocks if "output_processor=output_loss" in b)
 
 
@@ -331,7 +332,8 @@ def worker_readme_example(code: str):
     out = {}
     for fused in (False, True):
         namespace = {"get_batch": next}
-        exec(code, namespace)  # the README's block: output_loss, loss_func, forward_step
+        # The README's block: output_loss, loss_func, forward_step.
+        exec(code, namespace)  # noqa: S102
         namespace["output_loss"].shaping = RewardShapingConfig.preset("ce")
 
         def own_loss_step(data_iterator, model, ns=namespace):
@@ -409,3 +411,57 @@ def test_precompute_refuses_a_per_position_upstream_gradient():
     loss.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="one backward per forward"):
         loss.sum().backward()
+
+
+# ---------------------------------------------------------------------------------------------
+# The output processor's sequence parallelism at TP = 2 and 4 (a stand-in output layer)
+
+
+def worker_processor_sequence_parallel(shaping: str):
+    """ShapedLossOutputProcessor with sequence-parallel hidden states [s/tp, b, h] against the
+    unfused path on the gathered [s, b, h] (the output layer's matmul, then the loss): this
+    rank's loss and the gradients of its hidden-state shard and weight slice."""
+    import types
+
+    from megatron_ext.core.cpu_compat import install_cpu_compat
+    from megatron_ext.models.output import ShapedLossOutputProcessor
+
+    install_cpu_compat()
+    group, rank, tp = dist.group.WORLD, dist.get_rank(), dist.get_world_size()
+    gen = torch.Generator().manual_seed(21)
+    s, b, h, v = 8 * tp, 2, 16, 64 * tp
+    hidden = torch.randn(s, b, h, generator=gen)
+    weight = torch.randn(v, h, generator=gen) * 0.5
+    labels = torch.randint(0, v, (b, s), generator=gen)
+    labels[0, 3] = -100
+    shard = slice(rank * s // tp, (rank + 1) * s // tp)
+    piece = weight[rank * (v // tp) : (rank + 1) * (v // tp)]
+    cfg = RewardShapingConfig.preset(shaping)
+
+    mine = hidden[shard].clone().requires_grad_()  # [s/tp, b, h]
+    w = piece.clone().requires_grad_()
+    layer = types.SimpleNamespace(sequence_parallel=True, tp_group=group, weight=w, bias=None)
+    loss = ShapedLossOutputProcessor(cfg)(
+        hidden_states=mine, output_layer=layer, output_weight=None, labels=labels
+    )  # [b, s]
+    loss.sum().backward()
+
+    full = hidden.clone().requires_grad_()  # [s, b, h], every rank
+    w_ref = piece.clone().requires_grad_()
+    logits = full @ w_ref.t()  # [s, b, V/tp]
+    ref = vocab_parallel_shaped_cross_entropy(logits, labels.t().contiguous(), cfg, group)
+    ref.sum().backward()
+    grad_full = full.grad.clone()
+    dist.all_reduce(grad_full)  # the hidden states' gradient summed over the vocabulary slices
+    return loss.detach(), ref.detach().t(), mine.grad, grad_full[shard], w.grad, w_ref.grad
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_output_processor_sequence_parallel_matches_unfused(tp, request):
+    pool = request.getfixturevalue(f"pool{tp}")
+    for shaping in ("precision", "tail_suppression"):
+        for rank, r in enumerate(pool.run(worker_processor_sequence_parallel, shaping)):
+            loss, want, grad_h, want_h, grad_w, want_w = r
+            _close(loss, want, LOSS_RTOL, f"tp {tp} rank {rank} loss")
+            _close(grad_h, want_h, GRAD_RTOL["fp32"], f"tp {tp} rank {rank} d hidden shard")
+            _close(grad_w, want_w, GRAD_RTOL["fp32"], f"tp {tp} rank {rank} d weight")

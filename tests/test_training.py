@@ -639,32 +639,6 @@ def test_metrics_go_to_jsonl_and_tensorboard(pool2, data_prefix, tmp_path):
 # -- command line ------------------------------------------------------------------------------
 
 
-def test_cli_runs_a_single_process(tmp_path, data_prefix):
-    config = {
-        "model": "tiny",
-        "shaping": "precision",
-        "data": {"paths": [data_prefix], "split": "90,10,0"},
-        "optimizer": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 0},
-        "train_steps": 2,
-        "global_batch_size": 4,
-        "micro_batch_size": 2,
-    }
-    path = tmp_path / "run.json"
-    path.write_text(json.dumps(config))
-    out = run_training_cli(
-        "--config",
-        str(path),
-        "--log-dir",
-        str(tmp_path / "logs"),
-        "--save",
-        str(tmp_path / "ckpt"),
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "step 2 | loss" in out.stdout
-    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "2"
-    assert len((tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()) == 2
-
-
 def test_native_cross_entropy_baseline_matches_the_ce_preset(pool2, data_prefix):
     """megatron-core's own CE (the benchmark baseline) and our loss with the CE preset train the
     same way: same initial weights and data, fp32, so the steps agree to rounding."""
@@ -728,3 +702,30 @@ def test_context_parallel_trains_like_one_rank(tmp_path, data_prefix):
     assert [r["loss"] for r in records[2]] == pytest.approx(
         [r["loss"] for r in records[1]], abs=2e-2
     )
+
+
+@pytest.mark.slow  # a subprocess of its own: the idle gloo pools are stopped first
+def test_cli_runs_a_single_process(tmp_path, data_prefix):
+    config = {
+        "model": "tiny",
+        "shaping": "precision",
+        "data": {"paths": [data_prefix], "split": "90,10,0"},
+        "optimizer": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 0},
+        "train_steps": 2,
+        "global_batch_size": 4,
+        "micro_batch_size": 2,
+    }
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(config))
+    out = run_training_cli(
+        "--config",
+        str(path),
+        "--log-dir",
+        str(tmp_path / "logs"),
+        "--save",
+        str(tmp_path / "ckpt"),
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "step 2 | loss" in out.stdout
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "2"
+    assert len((tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()) == 2

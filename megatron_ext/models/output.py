@@ -15,7 +15,8 @@ pre-hooks run before its weight is read, as a call of the layer would run them: 
 overlapped parameter all-gather (overlap_param_gather) waits there for the weight's bucket, which
 the fused path would otherwise read before the all-gather has finished. Multi-token-prediction
 heads keep megatron's unfused path (GPTModel computes them before the output processor runs); so
-does a model with MuP logit scaling. Without labels (inference) it returns the logits as GPTModel does.
+does a model with MuP logit scaling. Without labels (inference) it returns the logits as GPTModel
+does.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ __all__ = ["ShapedLossOutputProcessor"]
 def _run_forward_pre_hooks(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
     """The forward pre-hooks of `module` (its own, not torch's global ones), as `module(*args)`
     would run them; what they return is dropped (the fused path computes without the module)."""
-    with_kwargs = module._forward_pre_hooks_with_kwargs
-    for hook_id, hook in list(module._forward_pre_hooks.items()):
+    with_kwargs = getattr(module, "_forward_pre_hooks_with_kwargs", {})
+    for hook_id, hook in list(getattr(module, "_forward_pre_hooks", {}).items()):
         if hook_id in with_kwargs:
             hook(module, args, {})
         else:

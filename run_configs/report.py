@@ -316,7 +316,7 @@ _VERDICT_TEXT = (
     "interval lies wholly below `b`'s, is **reversed** when `b`'s lies wholly below `a`'s, and "
     "is **not resolved** when the intervals overlap or touch or a preset has one seed (no "
     "interval). Non-overlapping 95% intervals are a stricter test than a 5% two-sample test: "
-    "\"not resolved\" says that these seeds cannot tell, not that the order is false. Presets "
+    '"not resolved" says that these seeds cannot tell, not that the order is false. Presets '
     "that move the entropy the same way have no expected order (`a` vs `b`).\n"
 )
 
@@ -552,4 +552,3 @@ def write_report(
         seeds_table=seeds,
         verdicts=verdicts,
     )
-

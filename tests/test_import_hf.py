@@ -132,9 +132,7 @@ def hf_dense(tmp_path_factory, tokenizer) -> tuple[Path, torch.nn.Module]:
 def imported(hf_dense, tmp_path_factory) -> Path:
     """hf_dense imported for TP=2 x PP=2."""
     out = tmp_path_factory.mktemp("imported") / "ckpt"
-    return import_hf_model(
-        hf_dense[0], out, tensor_parallel=2, pipeline_parallel=2, progress=False
-    )
+    return import_hf_model(hf_dense[0], out, tensor_parallel=2, pipeline_parallel=2, progress=False)
 
 
 # ---------------------------------------------------------------------------------------------

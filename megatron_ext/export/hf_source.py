@@ -127,8 +127,9 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> dict[str, dict[str,
     with open(path, "rb") as f:
         start = f.read(8)
         if len(start) < 8:
-            raise ValueError(f"{str(path)!r} is {size} bytes, too short for a safetensors "
-                             f"header: {redownload}")
+            raise ValueError(
+                f"{str(path)!r} is {size} bytes, too short for a safetensors header: {redownload}"
+            )
         (header_len,) = struct.unpack("<Q", start)
         if 8 + header_len > size:
             raise ValueError(
@@ -138,8 +139,9 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> dict[str, dict[str,
         try:
             header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{str(path)!r} has no readable safetensors header ({exc}); "
-                             f"{redownload}") from None
+            raise ValueError(
+                f"{str(path)!r} has no readable safetensors header ({exc}); {redownload}"
+            ) from None
     header.pop("__metadata__", None)
     end = 8 + header_len + max((int(e["data_offsets"][1]) for e in header.values()), default=0)
     if end > size:
@@ -407,9 +409,7 @@ def _check_tensors(
     return {name: tensors[name] for name in expected}
 
 
-def _check_tokenizer(
-    directory: Path, vocab_size: int
-) -> tuple[tuple[str, ...], int | None]:
+def _check_tokenizer(directory: Path, vocab_size: int) -> tuple[tuple[str, ...], int | None]:
     """The tokenizer files present and the tokenizer's eos id, after checking its size."""
     files = tuple(name for name in TOKENIZER_FILES if (directory / name).is_file())
     if not files:

@@ -165,8 +165,7 @@ def _chunks(
         )
         sources.append(_Source(name=name, start=start, stacking_axes=axes))
     kept = {
-        (obj.key, tuple(obj.global_shape), tuple(obj.global_offset)): obj.data
-        for _, obj in objects
+        (obj.key, tuple(obj.global_shape), tuple(obj.global_offset)): obj.data for _, obj in objects
     }
     return chunks, sources, kept
 
@@ -239,9 +238,7 @@ def run_config(
     return config
 
 
-def _common_state(
-    source: HfModel, config: dict[str, Any], dtype: torch.dtype
-) -> dict[str, Any]:
+def _common_state(source: HfModel, config: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
     return {
         "train_state": {
             "step": STEP,

@@ -79,8 +79,19 @@ def nemorun_home(tmp_path, monkeypatch):
 @pytest.fixture
 def shared_dir(tmp_path):
     """A folder outside /tmp, as a multi-node job's folder must be (/tmp is each node's own):
-    under the repository's git-ignored outputs/, removed after the test."""
-    path = REPO / "outputs" / "test-jobs" / f"{os.getpid()}-{tmp_path.name}"
+    under the repository's git-ignored outputs/, or, for a checkout that is itself under a
+    node-local folder (a CI clone in /tmp), under ~/.cache; removed after the test."""
+    from run_configs.executors import NODE_LOCAL_DIRS
+
+    def node_local(path: Path) -> bool:
+        text = os.path.normpath(str(path.resolve()))
+        return any(text == d or text.startswith(d + "/") for d in NODE_LOCAL_DIRS)
+
+    base = REPO / "outputs" / "test-jobs"
+    if node_local(base):
+        base = Path.home() / ".cache" / "megatron_ext-test-jobs"
+    assert not node_local(base), f"no folder outside {NODE_LOCAL_DIRS} for the job folders"
+    path = base / f"{os.getpid()}-{tmp_path.name}"
     path.mkdir(parents=True)
     yield path
     shutil.rmtree(path, ignore_errors=True)

@@ -9,6 +9,34 @@ RELIABILITY_FILES = ("test_reliability.py", "test_data_validation.py", "test_con
 _reliability = {"collected": set(), "passed": set(), "deselected": False}
 
 
+def pytest_sessionstart(session):
+    """Compile the loss's CPU kernels once, here, before any worker process starts. numba keeps
+    them on disk (cache=True), so the gloo pools and every subprocess then load them; in a fresh
+    clone there is no cache yet, and each process that meets a kernel first compiles it itself
+    (the serial twins in the one-thread pool workers, the parallel ones in the 2-thread
+    subprocesses), several at once."""
+    import torch
+
+    from megatron_ext.loss import RewardShapingConfig, vocab_parallel_shaped_cross_entropy
+    from megatron_ext.loss.select import top_k_rows
+
+    threads = torch.get_num_threads()
+    try:
+        for n, num_threads in ((4, 1), (1024, max(2, threads))):  # serial and parallel twins
+            torch.set_num_threads(num_threads)
+            for preset in ("tail_suppression", "precision", "head_preservation"):
+                logits = torch.randn(n, 1, 512, requires_grad=True)
+                target = torch.zeros(n, 1, dtype=torch.long)
+                cfg = RewardShapingConfig.preset(preset)
+                loss, _ = vocab_parallel_shaped_cross_entropy(
+                    logits * 1, target, cfg, None, return_stats=True
+                )
+                loss.sum().backward()
+            top_k_rows(torch.randn(n, 600), 101)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def pool2():
     """Two gloo ranks, shared by every test of the session."""

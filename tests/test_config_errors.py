@@ -8,6 +8,7 @@ row to the `bad_input` section of docs/reliability.md.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -465,6 +466,26 @@ def test_resume_refuses_another_model(pool2, data_prefix, trained_tiny, changes)
     )
     assert all(o["calls"]["train_step"] == 0 for o in outcomes)
     _record(f"resume tiny's checkpoint with {field}={value}: 2 ranks", message)
+
+
+def test_architecture_check_reads_the_fields_of_model_config(tmp_path):
+    """The weight-shape fields come from ModelConfig itself: a checkpoint's configuration that
+    predates a field (moe_dense_layers) has its default, JSON's lists equal tuples, and a field
+    that changes no shape (rope_base) may differ."""
+    from megatron_ext.training.checkpoint import _check_same_architecture
+
+    moe = model_preset("tiny_moe")
+    saved = dataclasses.asdict(moe)
+    del saved["moe_dense_layers"]  # an older checkpoint's configuration
+    common = {"extra": {"config": {"model": saved}}}
+    run = dataclasses.asdict(dataclasses.replace(moe, rope_base=1e6))
+    _check_same_architecture(common, run, tmp_path)
+    common["extra"]["config"]["model"] = saved | {"moe_dense_layers": [1]}
+    _check_same_architecture(common, dataclasses.asdict(moe) | {"moe_dense_layers": (1,)}, tmp_path)
+    with pytest.raises(
+        CheckpointError, match=r"moe_dense_layers: checkpoint \(1,\), this run \(\)"
+    ):
+        _check_same_architecture(common, run, tmp_path)
 
 
 def test_resume_refuses_other_optimizer_state(pool2, data_prefix, trained_tiny):

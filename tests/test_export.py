@@ -20,7 +20,6 @@ import torch
 from safetensors import safe_open
 
 from megatron_ext.export import (
-    ExportArch,
     IncompleteCheckpointError,
     UnsupportedArchitectureError,
     arch_from_megatron_config,
@@ -34,6 +33,7 @@ from megatron_ext.export import (
 from megatron_ext.export.from_training import resolve_training_checkpoint
 from megatron_ext.export.hf_files import parse_size
 from megatron_ext.export.key_map import split_qkv
+from megatron_ext.models import ModelConfig
 from tests._workers_export import (
     TinyGPT,
     reference_model,
@@ -58,28 +58,28 @@ ARCH_FIELDS = {
     "head_dim": 4,
     "ffn_hidden_size": 12,
     "vocab_size": 10,
-    "padded_vocab_size": 16,
-    "max_position_embeddings": 32,
-    "rope_theta": 10000.0,
-    "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": False,
+    "make_vocab_size_divisible_by": 16,  # 16 rows
+    "seq_length": 32,
+    "rope_base": 10000.0,
+    "rms_eps": 1e-6,
+    "tie_embeddings": False,
 }
-"""A small dense architecture (ExportArch fields)."""
+"""A small dense architecture (ModelConfig fields)."""
 
 
-def _arch(**overrides) -> ExportArch:
-    return ExportArch(**(ARCH_FIELDS | overrides))
+def _arch(**overrides) -> ModelConfig:
+    return ModelConfig(**(ARCH_FIELDS | overrides))
 
 
 MOE_ARCH = {
     "num_experts": 3,
     "moe_router_topk": 2,
     "moe_ffn_hidden_size": 6,
-    "moe_layers": (False, True),
+    "moe_dense_layers": (0,),
 }
 
 
-def _random_state(arch: ExportArch) -> dict[str, torch.Tensor]:
+def _random_state(arch: ModelConfig) -> dict[str, torch.Tensor]:
     """A state dict with every tensor the key map expects (canonical names)."""
     gen = torch.Generator().manual_seed(0)
     return {e.megatron[0]: torch.randn(e.shape, generator=gen) for e in plan_keys(arch)}
@@ -174,7 +174,7 @@ def test_wrong_shape_is_named():
 
 
 def test_tied_embeddings():
-    arch = _arch(tie_word_embeddings=True)
+    arch = _arch(tie_embeddings=True)
     state = _random_state(arch)
     assert "output_layer.weight" not in state
     assert "lm_head.weight" not in convert_state_dict(state, arch)
@@ -186,16 +186,19 @@ def test_tied_embeddings():
 
 
 def test_arch_validation_quotes_bad_values():
-    with pytest.raises(ValueError, match="num_attention_heads=4 is not a multiple"):
+    with pytest.raises(ValueError, match="num_query_groups=3 does not divide"):
         _arch(num_query_groups=3)
-    with pytest.raises(ValueError, match="padded_vocab_size=8"):
-        _arch(padded_vocab_size=8)
+    with pytest.raises(ValueError, match="padded_vocab_size=8 is smaller than vocab_size=10"):
+        plan_keys(_arch(), 8)
+    state = _random_state(_arch())
+    with pytest.raises(ValueError, match="padded_vocab_size=8 is smaller than vocab_size=10"):
+        convert_state_dict(state, _arch(), padded_vocab_size=8)
     with pytest.raises(ValueError, match="moe_router_topk=4 exceeds"):
         _arch(**(MOE_ARCH | {"moe_router_topk": 4}))
     arch = _arch(**MOE_ARCH)
-    assert ExportArch.from_dict(json.loads(json.dumps(arch.to_dict()))) == arch
-    with pytest.raises(ValueError, match="unknown ExportArch fields"):
-        ExportArch.from_dict(arch.to_dict() | {"hidden": 3})
+    assert ModelConfig.from_dict(json.loads(json.dumps(arch.to_dict()))) == arch
+    with pytest.raises(ValueError, match=r"unknown ModelConfig field\(s\) \['hidden'\]"):
+        ModelConfig.from_dict(arch.to_dict() | {"hidden": 3})
 
 
 def _megatron_config(**overrides):
@@ -226,15 +229,17 @@ def test_arch_from_megatron_config():
         "moe_layer_freq": 2,
     }
     arch = arch_from_megatron_config(
-        _megatron_config(**moe),
+        _megatron_config(**moe, init_method_std=0.01, moe_aux_loss_coeff=0.05),
         vocab_size=300,
-        padded_vocab_size=384,
         max_position_embeddings=128,
         rope_theta=1e6,
         tie_word_embeddings=False,
     )
-    assert arch.head_dim == 32 and arch.num_query_groups == 2 and arch.rms_norm_eps == 1e-6
-    assert arch.moe_layers == (True, False) and arch.norm_topk_prob is True
+    assert isinstance(arch, ModelConfig)
+    assert arch.head_dim == 32 and arch.num_query_groups == 2 and arch.rms_eps == 1e-6
+    assert arch.moe_dense_layers == (1,) and arch.moe_router_pre_softmax is False
+    assert (arch.seq_length, arch.rope_base, arch.init_std) == (128, 1e6, 0.01)
+    assert arch.moe_aux_loss_coeff == 0.05 and arch.moe_layer_pattern == [1, 0]
 
 
 @pytest.mark.parametrize(
@@ -259,7 +264,6 @@ def test_unsupported_megatron_configs_are_refused(overrides, match):
         arch_from_megatron_config(
             _megatron_config(**overrides),
             vocab_size=300,
-            padded_vocab_size=384,
             max_position_embeddings=128,
             rope_theta=1e6,
             tie_word_embeddings=False,
@@ -302,7 +306,7 @@ def test_unshard_model_keys_layouts():
 def test_files_config_and_shards(tmp_path):
     from transformers import AutoConfig
 
-    arch = _arch(**MOE_ARCH, head_dim=6, tie_word_embeddings=True)  # head_dim != hidden / heads
+    arch = _arch(**MOE_ARCH, head_dim=6, tie_embeddings=True)  # head_dim != hidden / heads
     state = _random_state(arch)
     out = export_state_dict(
         state,
@@ -386,7 +390,7 @@ def _assert_default_modes(directory: Path) -> None:
 def test_exported_files_get_the_umask_modes(tmp_path, tokenizer_dir, umask):
     """Shards (safetensors writes 0o600 files), configs, index and tokenizer files all get the
     modes of an ordinary new file, the directory those of a new folder; also when replaced."""
-    arch = _arch(vocab_size=300, padded_vocab_size=320)
+    arch = _arch(vocab_size=300, make_vocab_size_divisible_by=64)  # 320 rows
     state = _random_state(arch)
     old = os.umask(umask)
     try:
@@ -568,7 +572,7 @@ def test_cli(references, input_ids, tokenizer_dir, tmp_path, capsys):
     main = _cli_main()
     ref = references(DENSE)
     arch_json = tmp_path / "arch.json"
-    arch_json.write_text(json.dumps(ref["arch"].to_dict()))
+    arch_json.write_text(json.dumps(ref["arch"].to_dict()))  # ModelConfig fields
     out = tmp_path / "hf"
     argv = ["--checkpoint", str(ref["checkpoint"]), "--arch", str(arch_json), "--out", str(out)]
     argv += ["--tokenizer", str(tokenizer_dir), "--dtype", "bf16", "--max-shard-size", "50KB"]
@@ -587,6 +591,48 @@ def test_cli(references, input_ids, tokenizer_dir, tmp_path, capsys):
     assert err == [f"error: {str(out)!r} exists; pass --overwrite to replace it"]
     assert main(argv + ["--no-progress", "--overwrite"]) == 0
     _assert_default_modes(out)
+
+
+def test_cli_chat_template(references, tokenizer_dir, tmp_path, capsys):
+    """--chat-template FILE becomes the exported tokenizer's template (the project's tokenizer
+    has none), replaces one it has (saying so), and a template that does not render is refused
+    before anything is written."""
+    from transformers import AutoTokenizer
+
+    main = _cli_main()
+    arch_json = tmp_path / "arch.json"
+    arch_json.write_text(json.dumps(references(DENSE)["arch"].to_dict()))
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}")
+    base = ["--checkpoint", str(references(DENSE)["checkpoint"]), "--arch", str(arch_json)]
+    out = tmp_path / "hf"
+    argv = [*base, "--out", str(out), "--tokenizer", str(tokenizer_dir), "--no-progress"]
+    capsys.readouterr()
+    assert main([*argv, "--chat-template", str(template)]) == 0
+    assert f"chat template: {template} (the tokenizer had none)" in capsys.readouterr().out
+    chat = [{"role": "user", "content": "hi"}]
+    assert AutoTokenizer.from_pretrained(out).apply_chat_template(chat, tokenize=False) == (
+        "<|user|>hi"
+    )
+    assert (out / "chat_template.jinja").read_text() == template.read_text()
+
+    other = tmp_path / "other.jinja"
+    other.write_text("{{ messages | length }} message(s)")
+    again = tmp_path / "hf2"
+    argv = [*base, "--out", str(again), "--tokenizer", str(out), "--no-progress"]
+    assert main([*argv, "--chat-template", str(other)]) == 0
+    assert f"chat template: {other} replaces the tokenizer's own" in capsys.readouterr().out
+    tokenizer = AutoTokenizer.from_pretrained(again)
+    assert tokenizer.apply_chat_template(chat, tokenize=False) == "1 message(s)"
+    assert "chat_template" not in json.loads((again / "tokenizer_config.json").read_text())
+
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}{{ m.content }}")  # no endfor
+    argv = [*base, "--out", str(tmp_path / "hf3"), "--tokenizer", str(out), "--no-progress"]
+    assert main([*argv, "--chat-template", str(broken)]) == 1
+    (err,) = capsys.readouterr().err.splitlines()
+    assert err.startswith("error: the chat template does not render a one-message conversation")
+    assert not (tmp_path / "hf3").exists()
 
 
 def _cli_main():
@@ -640,7 +686,7 @@ def test_trained_checkpoint_export(pool4, synthetic_data, input_ids, tmp_path, m
     assert checkpoint.name == "iter_0000002"
     arch = arch_from_training_checkpoint(checkpoint)
     assert arch.is_moe == ("moe" in model["preset"])
-    assert arch.tie_word_embeddings == model.get("tie_embeddings", False)
+    assert arch.tie_embeddings == model.get("tie_embeddings", False)
 
     # megatron-core's own resharding load into a TP=1 model of megatron_ext.models: the reference.
     ref = pool4.run(trained_model_reference, str(checkpoint), input_ids)[0]

@@ -122,6 +122,14 @@ def test_bad_values(tmp_path):
     arch = tmp_path / "arch.json"
     arch.write_text(json.dumps(ARCH_FIELDS | {"num_query_groups": 3}))
     _assert_one_error([*base, "--arch", str(arch)], str(arch), "num_query_groups=3")
+    arch.write_text(json.dumps(ARCH_FIELDS | {"rope_theta": 1e6}))  # an HF name, not a field
+    _assert_one_error([*base, "--arch", str(arch)], str(arch), "unknown ModelConfig field(s)")
+    template = tmp_path / "chat.jinja"
+    _assert_one_error([*base, "--chat-template", str(template)], "--chat-template", "not exist")
+    template.write_text(" \n")
+    _assert_one_error([*base, "--chat-template", str(template)], str(template), "is empty")
+    template.write_text("{{ messages[0].content }}")
+    _assert_one_error([*base, "--chat-template", str(template)], "needs --tokenizer")
     # --overwrite of a folder that holds the checkpoint would delete it
     _assert_one_error(
         ["--checkpoint", str(root), "--out", str(tmp_path), "--overwrite"], "delete the checkpoint"
@@ -147,7 +155,8 @@ def test_export_package_imports_without_torch():
     assert sorted(export.__all__) == sorted(export._MODULES)  # every public name loads lazily
     code = (
         "import sys, megatron_ext.export as e, megatron_ext.export.preflight\n"
-        "assert e.ExportArch.__name__ == 'ExportArch'\n"
+        "assert e.to_hf_config.__name__ == 'to_hf_config'\n"
+        "assert e.arch_from_megatron_config.__name__ == 'arch_from_megatron_config'\n"
         f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))\n"
     )
     proc = subprocess.run(
@@ -160,6 +169,31 @@ def test_export_package_imports_without_torch():
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_the_exporter_does_not_import_the_trainer():
+    """Every module of the export and import loads without megatron_ext.training (the checkpoint
+    layout and the model description live below both)."""
+    modules = sorted(
+        f"megatron_ext.export.{p.stem}"
+        for p in (REPO / "megatron_ext" / "export").glob("*.py")
+        if p.stem != "__init__"
+    )
+    code = (
+        f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\n"
+        "print(sorted(m for m in sys.modules if m.startswith('megatron_ext.training')))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+    assert len(modules) >= 10 and "megatron_ext.export.from_training" in modules
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,12 +235,17 @@ def test_check_output_dir(tmp_path):
 def test_read_arch_file_and_tokenizer_files(tmp_path):
     arch = tmp_path / "arch.json"
     arch.write_text(json.dumps(ARCH_FIELDS))
-    assert read_arch_file(arch).to_dict() == ARCH_FIELDS | {
+    model = read_arch_file(arch)
+    assert model.to_dict() == ARCH_FIELDS | {
+        "name": "custom",
+        "init_std": 0.02,
         "num_experts": 0,
         "moe_router_topk": 0,
         "moe_ffn_hidden_size": 0,
-        "norm_topk_prob": True,
-        "moe_layers": None,
+        "moe_shared_expert_ffn_hidden_size": 0,
+        "moe_aux_loss_coeff": 1e-3,
+        "moe_router_pre_softmax": False,
+        "moe_dense_layers": [],
     }
     arch.write_text(json.dumps({k: v for k, v in ARCH_FIELDS.items() if k != "head_dim"}))
     with pytest.raises(ValueError, match="head_dim"):

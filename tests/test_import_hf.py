@@ -14,7 +14,6 @@ memory of an 8-shard import stays below twice its largest shard plus one layer.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -25,7 +24,7 @@ import torch
 from safetensors import safe_open
 
 from megatron_ext.core.checkpoint_layout import checkpoint_dir, latest_step
-from megatron_ext.export import import_hf_model, plan_keys, read_hf_model
+from megatron_ext.export import import_hf_model, plan_keys
 from megatron_ext.export.key_map import INVERSES, KEY_MAP
 from megatron_ext.models import ModelConfig
 from megatron_ext.training import CheckpointConfig, ConfigError, TrainConfig, config_from_dict
@@ -140,19 +139,19 @@ def imported(hf_dense, tmp_path_factory) -> Path:
 
 
 def test_every_transform_has_its_inverse():
-    from megatron_ext.export import ExportArch
     from tests.test_export import ARCH_FIELDS, MOE_ARCH
 
-    arch = ExportArch(**ARCH_FIELDS, **MOE_ARCH)  # dense layer 0, MoE layer 1
+    arch = ModelConfig(**ARCH_FIELDS, **MOE_ARCH)  # dense layer 0, MoE layer 1
     assert {rule.transform for rule in KEY_MAP} <= set(INVERSES)
     gen = torch.Generator().manual_seed(0)
-    for entry in plan_keys(arch):
+    for entry in plan_keys(arch, 32):  # 10 tokens, 32 rows
         megatron = torch.randn(entry.shape, generator=gen)
         if entry.megatron[0].endswith(("word_embeddings.weight", "output_layer.weight")):
+            assert entry.shape[0] == 32
             megatron[arch.vocab_size :] = 0  # the rows an import pads with
         hf = entry.transform(megatron, arch)
-        assert torch.equal(entry.merge(hf, arch), megatron), entry.megatron[0]
-        again = entry.transform(entry.merge(hf, arch), arch)
+        assert torch.equal(entry.merge(hf, arch, entry.shape), megatron), entry.megatron[0]
+        again = entry.transform(entry.merge(hf, arch, entry.shape), arch)
         assert all(torch.equal(a, b) for a, b in zip(again, hf, strict=True))
 
 
@@ -177,17 +176,24 @@ def test_imported_checkpoint_matches_transformers_at_tp2_pp2(pool4, hf_dense, im
     assert torch.equal(logits[..., VOCAB:], torch.zeros_like(logits[..., VOCAB:]))  # zero rows
 
 
-def test_qwen3_moe_import_matches_transformers_at_pp2_ep2(pool4, tmp_path):
+@pytest.mark.parametrize(
+    "routing",
+    [{"norm_topk_prob": True}, {"norm_topk_prob": False, "mlp_only_layers": [0]}],
+    ids=["topk-softmax", "pre-softmax-dense-layer0"],
+)
+def test_qwen3_moe_import_matches_transformers_at_pp2_ep2(pool4, tmp_path, routing):
     """Qwen3-MoE: router and per-expert weights (transformers 5 fuses experts in memory and
     writes one tensor per expert and projection). Imported padded for TP=2 (512 rows), loaded
-    at PP=2 x EP=2 (data parallel 2, TP=1: 384 rows; the trainer's layouts on gloo)."""
+    at PP=2 x EP=2 (data parallel 2, TP=1: 384 rows; the trainer's layouts on gloo). Also with
+    routing weights that are not renormalised and a dense first layer (ModelConfig's
+    moe_router_pre_softmax and moe_dense_layers)."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     config = Qwen3MoeConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-        num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, num_hidden_layers=2,
+        num_experts=4, num_experts_per_tok=2, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=64,
-        rope_theta=1e6, eos_token_id=0,
+        rope_theta=1e6, eos_token_id=0, **routing,
     )  # fmt: skip
     torch.manual_seed(2)
     hf_model = Qwen3MoeForCausalLM(config).eval()
@@ -200,7 +206,10 @@ def test_qwen3_moe_import_matches_transformers_at_pp2_ep2(pool4, tmp_path):
     hf_model.save_pretrained(tmp_path / "hf", max_shard_size="50KB")
     out = import_hf_model(tmp_path / "hf", tmp_path / "ckpt", tensor_parallel=2,
                           expert_parallel=2, progress=False)  # fmt: skip
-    assert ModelConfig(**json.loads((out / "config.json").read_text())["model"]).num_experts == 4
+    model = ModelConfig(**json.loads((out / "config.json").read_text())["model"])
+    assert model.num_experts == 4
+    assert model.moe_router_pre_softmax is not routing["norm_topk_prob"]
+    assert model.moe_dense_layers == tuple(routing.get("mlp_only_layers", ()))
     input_ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = hf_model(input_ids).logits  # [b, s, v]
@@ -211,17 +220,6 @@ def test_qwen3_moe_import_matches_transformers_at_pp2_ep2(pool4, tmp_path):
         diff = (logits[..., :VOCAB] - expected).abs().max().item()
         print(f"max |logit diff| megatron MoE PP=2 x EP=2 vs transformers = {diff:.3g}")
         assert diff < LOGIT_TOL
-    # MoE layouts models.ModelConfig cannot describe are refused, naming the field.
-    from megatron_ext.export import UnsupportedArchitectureError
-
-    for fields, message in (
-        ({"norm_topk_prob": False}, "norm_topk_prob=false: megatron_ext's router renormalises"),
-        ({"mlp_only_layers": [0]}, "mlp_only_layers=[0]: megatron_ext's MoE models have experts"),
-    ):
-        path = tmp_path / "hf" / "config.json"
-        path.write_text(json.dumps(config.to_dict() | fields))
-        with pytest.raises(UnsupportedArchitectureError, match=re.escape(message)):
-            read_hf_model(tmp_path / "hf")
 
 
 def test_checkpoint_files_and_run_config(hf_dense, imported):
@@ -565,3 +563,26 @@ def test_peak_memory_of_an_8_shard_import(hf_dense, tmp_path):
     )
     print(report)
     assert growth < 2 * largest + layer, report
+
+
+def test_chat_template_survives_import_and_export(hf_dense, tmp_path):
+    """A tokenizer's chat template (saved by transformers as chat_template.jinja) is kept in the
+    checkpoint's tokenizer/ and in the export of it, where apply_chat_template renders it."""
+    from transformers import AutoTokenizer
+
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(hf_dense[0], hf_dir)
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    tokenizer.chat_template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+    tokenizer.save_pretrained(hf_dir)
+    assert (hf_dir / "chat_template.jinja").is_file()  # where transformers puts it
+    ckpt = import_hf_model(hf_dir, tmp_path / "ckpt", progress=False)
+    assert (ckpt / "tokenizer" / "chat_template.jinja").is_file()
+    out = tmp_path / "exported"
+    argv = ["--checkpoint", str(ckpt), "--out", str(out), "--tokenizer", str(ckpt / "tokenizer")]
+    assert _tool("export_hf")([*argv, "--no-progress"]) == 0
+    rendered = AutoTokenizer.from_pretrained(out).apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+        tokenize=False,
+    )
+    assert rendered == "[user] hi\n[assistant] hello\n"

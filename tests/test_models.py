@@ -49,15 +49,33 @@ def test_parameter_count_matches_a_built_model(pool2):
     assert counts[0]["built"] == counts[0]["analytic"]
 
 
-def _count_built_parameters(name: str) -> dict:
+def test_dense_layers_of_an_moe_model_are_built_dense(pool2):
+    """moe_dense_layers and moe_router_pre_softmax reach the built model: layer 1 has a dense
+    MLP of ffn_hidden_size, layer 0 experts with a pre-softmax router."""
+    r = pool2.run(
+        _count_built_parameters, "tiny_moe", moe_dense_layers=[1], moe_router_pre_softmax=True
+    )[0]
+    assert r["built"] == r["analytic"] < pool2.run(_count_built_parameters, "tiny_moe")[0]["built"]
+    assert r["mlps"] == ["MoELayer", "MLP"] and r["pre_softmax"] == [True]
+    assert r["moe_layer_freq"] == [1, 0]
+
+
+def _count_built_parameters(name: str, **overrides) -> dict:
     from megatron_ext.models import build_model
 
-    cfg = model_preset(name)
+    cfg = model_preset(name, **overrides)
     with w._parallel():
         model = build_model(cfg, to_transformer_config(cfg))
         return {
             "built": sum(p.numel() for p in model.parameters()),
             "analytic": cfg.num_parameters(),
+            "mlps": [type(layer.mlp).__name__ for layer in model.decoder.layers],
+            "pre_softmax": [
+                layer.mlp.router.config.moe_router_pre_softmax
+                for layer in model.decoder.layers
+                if hasattr(layer.mlp, "router")
+            ],
+            "moe_layer_freq": model.config.moe_layer_freq,
         }
 
 
@@ -168,3 +186,27 @@ def test_norms_are_marked_for_sequence_parallel_grad_reduction(pool2):
     assert r["num_norms"] == 9
     assert sum("norm" in n for n in r["marked"]) == 9
     assert any("router" in n for n in r["marked"])
+
+
+def test_moe_dense_layers_and_weight_shape_fields():
+    moe = model_preset("tiny_moe")
+    read = ModelConfig.from_dict(moe.to_dict() | {"moe_dense_layers": [1]})  # JSON: a list
+    assert read.moe_dense_layers == (1,) and read.moe_layer_pattern == [1, 0]
+    assert [read.is_moe_layer(i) for i in range(2)] == [True, False]
+    assert ModelConfig.from_dict(read.to_dict()) == read
+    for dense, match in (
+        ([0, 1], r"names every layer: a dense model has num_experts=0"),
+        ([2], r"must be increasing layer indices in \[0, num_layers=2\)"),
+        ([1, 0], r"must be increasing layer indices"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            dataclasses.replace(moe, moe_dense_layers=dense)
+    with pytest.raises(ValueError, match=r"moe_dense_layers=\[0\] needs num_experts > 0"):
+        model_preset("tiny", moe_dense_layers=(0,))
+    with pytest.raises(ValueError, match=r"unknown ModelConfig field\(s\) \['hidden'\]"):
+        ModelConfig.from_dict(moe.to_dict() | {"hidden": 3})
+    shapes = ModelConfig.weight_shape_fields()
+    assert {"vocab_size", "make_vocab_size_divisible_by", "moe_dense_layers"} <= set(shapes)
+    assert not {"seq_length", "rope_base", "moe_aux_loss_coeff", "moe_router_pre_softmax"} & set(
+        shapes
+    )

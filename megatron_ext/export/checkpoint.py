@@ -33,9 +33,9 @@ from typing import Any
 
 import torch
 
-from megatron_ext.export.arch import ExportArch
 from megatron_ext.export.convert import IncompleteCheckpointError, export_state_dict
 from megatron_ext.export.preflight import check_output_dir
+from megatron_ext.models.config import ModelConfig
 
 __all__ = [
     "MODEL_KEY_PREFIXES",
@@ -254,7 +254,7 @@ def _merge_swiglu_halves(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 def export_checkpoint(
     checkpoint_dir: str | os.PathLike[str],
-    arch: ExportArch,
+    model: ModelConfig,
     out_dir: str | os.PathLike[str],
     *,
     prefix: str | None = None,
@@ -264,12 +264,13 @@ def export_checkpoint(
 
     Args:
         checkpoint_dir: the dist checkpoint directory (the one holding metadata.json).
-        arch: the model's description.
+        model: the model's description (the padded vocabulary is the stored embedding's).
         out_dir: the directory to create.
         prefix: the prefix in front of the model's sharded keys; None finds it.
-        **export_kwargs: passed to `export_state_dict` (tokenizer_dir, dtype, max_shard_size, ...).
+        **export_kwargs: passed to `export_state_dict` (tokenizer_dir, chat_template, dtype,
+            max_shard_size, ...).
     """
     overwrite = export_kwargs.get("overwrite", False)
     check_output_dir(out_dir, overwrite=overwrite, checkpoint=checkpoint_dir)  # before the load
-    state = load_full_model_tensors(checkpoint_dir, num_layers=arch.num_layers, prefix=prefix)
-    return export_state_dict(state, arch, out_dir, **export_kwargs)
+    state = load_full_model_tensors(checkpoint_dir, num_layers=model.num_layers, prefix=prefix)
+    return export_state_dict(state, model, out_dir, **export_kwargs)

@@ -1,8 +1,10 @@
 """Megatron GPTModel state dict -> Hugging Face Qwen3 / Qwen3-MoE model directory.
 
 `convert_state_dict` is the pure mapping (tensors in, tensors out, through `key_map.KEY_MAP`);
-`export_state_dict` writes a complete model directory from it: config.json,
-generation_config.json, sharded safetensors with model.safetensors.index.json, tokenizer files.
+`export_state_dict` writes a complete model directory from it: config.json (transformers' own
+Qwen3Config / Qwen3MoeConfig of the models.ModelConfig, export.hf_config), generation_config.json,
+sharded safetensors with model.safetensors.index.json (huggingface_hub's shard plan), tokenizer
+files with their chat template.
 """
 
 from __future__ import annotations
@@ -15,17 +17,20 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from megatron_ext.export.arch import ExportArch, UnsupportedArchitectureError
+from megatron_ext.export.arch import UnsupportedArchitectureError
+from megatron_ext.export.hf_config import from_hf_config
 from megatron_ext.export.hf_files import (
-    ShardWriter,
     atomic_output_dir,
     copy_tokenizer_files,
     generation_config_dict,
     hf_config_dict,
+    install_chat_template,
     parse_size,
     write_json,
+    write_safetensors,
 )
 from megatron_ext.export.key_map import IGNORED_SUFFIXES, PlannedKey, plan_keys
+from megatron_ext.models.config import ModelConfig
 
 __all__ = [
     "IncompleteCheckpointError",
@@ -33,6 +38,7 @@ __all__ = [
     "export_state_dict",
     "iter_hf_tensors",
     "resolve_keys",
+    "state_dict_padded_vocab",
 ]
 
 _SHOWN_KEYS = 20
@@ -64,8 +70,25 @@ def _listing(keys: list[str]) -> str:
     return f"{len(keys)} tensor{'s' if len(keys) != 1 else ''} ({shown}{more})"
 
 
-def resolve_keys(state_dict: Mapping[str, Any], arch: ExportArch) -> list[tuple[str, PlannedKey]]:
+_EMBEDDING = "embedding.word_embeddings.weight"
+
+
+def state_dict_padded_vocab(state_dict: Mapping[str, Any], model: ModelConfig) -> int:
+    """Rows of the state dict's embedding (megatron's padded vocabulary); without an embedding
+    tensor, model.padded_vocab_size() (the missing tensor is reported by resolve_keys)."""
+    embedding = state_dict.get(_EMBEDDING)
+    if isinstance(embedding, torch.Tensor) and embedding.dim() == 2:
+        return int(embedding.shape[0])
+    return model.padded_vocab_size()
+
+
+def resolve_keys(
+    state_dict: Mapping[str, Any], model: ModelConfig, padded_vocab_size: int | None = None
+) -> list[tuple[str, PlannedKey]]:
     """Match every row of the expanded key map to the name it has in `state_dict`.
+
+    `padded_vocab_size` is the rows of megatron's embedding and output layer; None: the state
+    dict's embedding's (state_dict_padded_vocab).
 
     Raises:
         IncompleteCheckpointError: a tensor the architecture needs is absent (all are named).
@@ -77,7 +100,9 @@ def resolve_keys(state_dict: Mapping[str, Any], arch: ExportArch) -> list[tuple[
     resolved: list[tuple[str, PlannedKey]] = []
     used: set[str] = set()
     missing: list[str] = []
-    for entry in plan_keys(arch):
+    if padded_vocab_size is None:
+        padded_vocab_size = state_dict_padded_vocab(state_dict, model)
+    for entry in plan_keys(model, padded_vocab_size):
         found = [name for name in entry.megatron if name in state_dict]
         if not found:
             alias = f" (or {' / '.join(entry.megatron[1:])})" if len(entry.megatron) > 1 else ""
@@ -87,13 +112,13 @@ def resolve_keys(state_dict: Mapping[str, Any], arch: ExportArch) -> list[tuple[
         else:
             resolved.append((found[0], entry))
             used.add(found[0])
-    if arch.tie_word_embeddings and "output_layer.weight" in state_dict:
+    if model.tie_embeddings and "output_layer.weight" in state_dict:
         # Tied: megatron has no output_layer.weight on a single stage; a copy must be identical.
-        embedding = state_dict.get("embedding.word_embeddings.weight")
+        embedding = state_dict.get(_EMBEDDING)
         if embedding is not None and not torch.equal(state_dict["output_layer.weight"], embedding):
             raise ValueError(
-                "tie_word_embeddings=True but output_layer.weight differs from "
-                "embedding.word_embeddings.weight; export with tie_word_embeddings=False"
+                "tie_embeddings=True but output_layer.weight differs from "
+                "embedding.word_embeddings.weight; export with tie_embeddings=False"
             )
         used.add("output_layer.weight")
     unexpected = sorted(k for k in state_dict if k not in used and not k.endswith(IGNORED_SUFFIXES))
@@ -110,8 +135,9 @@ def resolve_keys(state_dict: Mapping[str, Any], arch: ExportArch) -> list[tuple[
 
 def iter_hf_tensors(
     state_dict: Mapping[str, Any],
-    arch: ExportArch,
+    model: ModelConfig,
     *,
+    padded_vocab_size: int | None = None,
     dtype: torch.dtype | None = None,
     progress: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -119,8 +145,9 @@ def iter_hf_tensors(
 
     Every yielded tensor is contiguous, on the CPU, owns its storage, and has `dtype` (default:
     the embedding's dtype). All keys are checked before the first tensor is yielded.
+    `padded_vocab_size`: as in resolve_keys.
     """
-    resolved = resolve_keys(state_dict, arch)
+    resolved = resolve_keys(state_dict, model, padded_vocab_size)
     if dtype is None:
         dtype = state_dict[resolved[0][0]].dtype  # the embedding comes first
     for name, entry in tqdm(resolved, desc="export", unit="tensor", disable=not progress):
@@ -132,7 +159,7 @@ def iter_hf_tensors(
                 f"{name}: expected shape {list(entry.shape)}, got {list(tensor.shape)} "
                 "(does the architecture description match the checkpoint?)"
             )
-        outputs = entry.transform(tensor.detach(), arch)
+        outputs = entry.transform(tensor.detach(), model)
         for hf_name, out in zip(entry.hf, outputs, strict=True):
             out = out.to(device="cpu", dtype=dtype).contiguous()
             if out.untyped_storage().nbytes() != out.numel() * out.element_size():
@@ -141,18 +168,26 @@ def iter_hf_tensors(
 
 
 def convert_state_dict(
-    state_dict: Mapping[str, Any], arch: ExportArch, *, dtype: torch.dtype | None = None
+    state_dict: Mapping[str, Any],
+    model: ModelConfig,
+    *,
+    padded_vocab_size: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
     """The Hugging Face state dict (on-disk names) of a megatron GPTModel state dict."""
-    return dict(iter_hf_tensors(state_dict, arch, dtype=dtype))
+    return dict(
+        iter_hf_tensors(state_dict, model, padded_vocab_size=padded_vocab_size, dtype=dtype)
+    )
 
 
 def export_state_dict(
     state_dict: Mapping[str, Any],
-    arch: ExportArch,
+    model: ModelConfig,
     out_dir: str | os.PathLike[str],
     *,
+    padded_vocab_size: int | None = None,
     tokenizer_dir: str | os.PathLike[str] | None = None,
+    chat_template: str | None = None,
     dtype: torch.dtype | None = None,
     max_shard_size: int | str = "5GB",
     bos_token_id: int | None = None,
@@ -165,10 +200,15 @@ def export_state_dict(
 
     Args:
         state_dict: megatron names (local or TE spec) -> full tensors of a TP=1, PP=1 model.
-        arch: the model's description (see `arch_from_megatron_config`).
+        model: the model's description (models.ModelConfig; for a megatron-core model of
+            another origin see `arch_from_megatron_config`).
         out_dir: the directory to create; it appears only once the export is complete.
+        padded_vocab_size: rows of the state dict's embedding (and output layer); None: the
+            embedding's own (the padding rows beyond model.vocab_size are dropped).
         tokenizer_dir: a directory with tokenizer files (tokenizer.json, tokenizer_config.json,
-            ...) to copy; special token ids not given below are read from it.
+            chat templates, ...) to copy; special token ids not given below are read from it.
+        chat_template: a Jinja chat template that becomes the tokenizer's (replacing the one
+            it has, if any; needs tokenizer_dir); it must render a one-message conversation.
         dtype: dtype of the written weights; default the state dict's (its embedding's) dtype.
         max_shard_size: largest safetensors shard, bytes or a string like "5GB".
         bos_token_id: written to config.json and generation_config.json.
@@ -182,17 +222,34 @@ def export_state_dict(
 
     Raises:
         IncompleteCheckpointError: tensors are missing (all are named).
-        UnsupportedArchitectureError: the state dict holds tensors the exporter does not know.
+        UnsupportedArchitectureError: the state dict holds tensors the exporter does not know,
+            or the model has a feature Qwen3 / Qwen3-MoE lacks (a shared expert).
         FileExistsError: out_dir exists and overwrite is False.
+        ValueError: a chat template without a tokenizer, or one that does not render; a
+            tokenizer larger than the vocabulary.
     """
     max_shard_bytes = parse_size(max_shard_size)
-    resolve_keys(state_dict, arch)  # fail before creating anything
+    if chat_template is not None and tokenizer_dir is None:
+        raise ValueError("a chat template needs the tokenizer files it belongs to (tokenizer_dir)")
+    if padded_vocab_size is None:
+        padded_vocab_size = state_dict_padded_vocab(state_dict, model)
+    resolved = resolve_keys(state_dict, model, padded_vocab_size)  # fail before creating anything
     if dtype is None:
-        dtype = state_dict[plan_keys(arch)[0].megatron[0]].dtype
+        dtype = state_dict[resolved[0][0]].dtype  # the embedding comes first
+    hf_config_dict(model, dtype=dtype)  # an unsupported model or dtype: before creating anything
+    layout = {  # HF name -> its shape and dtype (meta, storage of its own), in the order written
+        name: torch.empty(out.shape, dtype=dtype, device="meta")
+        for _, entry in resolved
+        for name, out in zip(
+            entry.hf, entry.transform(torch.empty(entry.shape, device="meta"), model), strict=True
+        )
+    }
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         if tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, tmp)
-            ids = _tokenizer_special_ids(tmp, arch)
+            if chat_template is not None:
+                install_chat_template(tmp, chat_template)
+            ids = _tokenizer_special_ids(tmp, model, chat_template)
             bos_token_id = ids["bos"] if bos_token_id is None else bos_token_id
             eos_token_id = ids["eos"] if eos_token_id is None else eos_token_id
             pad_token_id = ids["pad"] if pad_token_id is None else pad_token_id
@@ -201,26 +258,39 @@ def export_state_dict(
             "eos_token_id": eos_token_id,
             "pad_token_id": pad_token_id,
         }
-        write_json(tmp / "config.json", hf_config_dict(arch, dtype=dtype, **token_ids))
+        write_json(tmp / "config.json", hf_config_dict(model, dtype=dtype, **token_ids))
         write_json(tmp / "generation_config.json", generation_config_dict(**token_ids))
-        writer = ShardWriter(tmp, max_shard_bytes)
-        for name, tensor in iter_hf_tensors(state_dict, arch, dtype=dtype, progress=progress):
-            writer.add(name, tensor)
-        writer.finish()
-        _check_config_loads(tmp, arch)
+        tensors = iter_hf_tensors(
+            state_dict, model, padded_vocab_size=padded_vocab_size, dtype=dtype, progress=progress
+        )
+        write_safetensors(tmp, tensors, layout, max_shard_bytes)
+        _check_config_loads(tmp, model)
     return Path(out_dir).absolute()
 
 
-def _tokenizer_special_ids(directory: Path, arch: ExportArch) -> dict[str, Any]:
-    """Load the copied tokenizer (it must load) and read its special token ids."""
+def _tokenizer_special_ids(
+    directory: Path, model: ModelConfig, chat_template: str | None
+) -> dict[str, Any]:
+    """Load the copied tokenizer (it must load) and read its special token ids; an installed
+    chat template must be the tokenizer's and render a one-message conversation."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
-    if len(tokenizer) > arch.vocab_size:
+    if len(tokenizer) > model.vocab_size:
         raise ValueError(
             f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
-            f"{arch.vocab_size}: token ids beyond it have no embedding"
+            f"{model.vocab_size}: token ids beyond it have no embedding"
         )
+    if chat_template is not None:
+        if tokenizer.chat_template != chat_template:
+            raise RuntimeError("transformers does not read the installed chat template back")
+        try:
+            tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+        except Exception as exc:  # noqa: BLE001 - jinja2's errors and what the template raises
+            raise ValueError(
+                f"the chat template does not render a one-message conversation "
+                f"([{{'role': 'user', 'content': 'hi'}}]): {type(exc).__name__}: {exc}"
+            ) from None
     return {
         "bos": tokenizer.bos_token_id,
         "eos": tokenizer.eos_token_id,
@@ -228,16 +298,21 @@ def _tokenizer_special_ids(directory: Path, arch: ExportArch) -> dict[str, Any]:
     }
 
 
-def _check_config_loads(directory: Path, arch: ExportArch) -> None:
-    """transformers must read the written config back with the intended fields."""
+def _check_config_loads(directory: Path, model: ModelConfig) -> None:
+    """transformers must read the written config back as the model (hf_config.from_hf_config)."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(directory))
-    expected = "qwen3_moe" if arch.is_moe else "qwen3"
-    read = (config.model_type, config.vocab_size, config.head_dim, config.num_key_value_heads)
-    wanted = (expected, arch.vocab_size, arch.head_dim, arch.num_query_groups)
-    if read != wanted:
-        raise RuntimeError(
-            f"transformers reads the written config.json as (model_type, vocab_size, head_dim, "
-            f"num_key_value_heads)={read}, expected {wanted}"
-        )
+    read = from_hf_config(
+        config,
+        name=model.name,
+        make_vocab_size_divisible_by=model.make_vocab_size_divisible_by,
+        where=str(directory / "config.json"),
+    )
+    if read != model:
+        diffs = [
+            f"{f}: {getattr(read, f)!r} (expected {getattr(model, f)!r})"
+            for f in model.to_dict()
+            if getattr(read, f) != getattr(model, f)
+        ]
+        raise RuntimeError(f"transformers reads the written config.json as another model: {diffs}")

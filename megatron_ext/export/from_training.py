@@ -1,11 +1,12 @@
-"""Export the checkpoints that megatron_ext.training writes.
+"""Export the checkpoints that the trainer writes (and the importer: export.import_hf).
 
 A training run saves `<root>/iter_<step:07d>/` (a megatron-core dist checkpoint) and `<root>/latest`
-(megatron_ext.training.checkpoint). Its common state holds the run's configuration under
-`extra.config` (training.config.config_to_dict), whose `model` table is a models.ModelConfig. The
-exporter rebuilds the TransformerConfig the trainer built from it (models.to_transformer_config),
-so `arch_from_megatron_config` checks exactly what was trained, and reads the padded vocabulary
-from the stored embedding's shape (it depends on the TP size the run used).
+(the layout of megatron_ext.core.checkpoint_layout). Its common state holds the run's
+configuration under `extra.config` (the trainer's config_to_dict), whose `model` table is a
+models.ModelConfig: the model exported. The exporter rebuilds the TransformerConfig the trainer
+built from it (models.to_transformer_config), so `arch.check_exportable` checks exactly what was
+trained, and reads the padded vocabulary from the stored embedding's shape (it depends on the TP
+size the run used). Nothing here imports the trainer.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from megatron_ext.export.arch import ExportArch, arch_from_megatron_config
-from megatron_ext.export.checkpoint import load_full_model_tensors, model_key_prefix
+from megatron_ext.export.arch import check_exportable
+from megatron_ext.export.checkpoint import load_full_model_tensors
 from megatron_ext.export.convert import export_state_dict
 from megatron_ext.export.preflight import check_checkpoint_path, check_output_dir
+from megatron_ext.models.config import ModelConfig
 
 __all__ = [
     "arch_from_training_checkpoint",
@@ -25,8 +27,6 @@ __all__ = [
     "resolve_training_checkpoint",
     "training_run_config",
 ]
-
-_EMBEDDING = "embedding.word_embeddings.weight"
 
 
 def resolve_training_checkpoint(path: str | os.PathLike[str], step: int | None = None) -> Path:
@@ -63,7 +63,8 @@ def training_run_config(checkpoint: str | os.PathLike[str]) -> dict[str, Any]:
     except (KeyError, TypeError):
         raise ValueError(
             f"{str(checkpoint)!r} holds no run configuration (extra.config); it was not written "
-            "by megatron_ext.training, so pass the architecture explicitly (ExportArch / --arch)"
+            "by megatron_ext's trainer or importer, so pass the architecture explicitly (a "
+            "models.ModelConfig; tools/export_hf.py --arch FILE, a JSON of its fields)"
         ) from None
 
 
@@ -74,31 +75,17 @@ def _run_eod_id(checkpoint: Path) -> int | None:
         return None
 
 
-def arch_from_training_checkpoint(checkpoint: str | os.PathLike[str]) -> ExportArch:
-    """The ExportArch of a training checkpoint folder (see the module docstring).
+def arch_from_training_checkpoint(checkpoint: str | os.PathLike[str]) -> ModelConfig:
+    """The ModelConfig of a training checkpoint folder (see the module docstring).
 
     Raises:
         UnsupportedArchitectureError: the trained model cannot be expressed as Qwen3 / Qwen3-MoE
             (e.g. a shared expert).
+        ValueError: the checkpoint holds no run configuration, or an invalid one.
     """
-    from megatron.core import dist_checkpointing
-
-    from megatron_ext.models import ModelConfig, to_transformer_config
-
-    model = ModelConfig(**training_run_config(checkpoint)["model"])
-    metadata = dist_checkpointing.load_tensors_metadata(str(checkpoint))
-    embedding = model_key_prefix(metadata) + _EMBEDDING
-    if embedding not in metadata:
-        raise ValueError(f"{str(checkpoint)!r} holds no {embedding}")
-    padded_vocab_size = int(metadata[embedding].global_shape[0])
-    return arch_from_megatron_config(
-        to_transformer_config(model),
-        vocab_size=model.vocab_size,
-        padded_vocab_size=padded_vocab_size,
-        max_position_embeddings=model.seq_length,
-        rope_theta=model.rope_base,
-        tie_word_embeddings=model.tie_embeddings,
-    )
+    model = ModelConfig.from_dict(training_run_config(checkpoint)["model"])
+    check_exportable(model)
+    return model
 
 
 def export_training_checkpoint(
@@ -106,18 +93,18 @@ def export_training_checkpoint(
     out_dir: str | os.PathLike[str],
     *,
     step: int | None = None,
-    arch: ExportArch | None = None,
+    model: ModelConfig | None = None,
     **export_kwargs: Any,
 ) -> Path:
-    """Export a megatron_ext.training checkpoint (any TP/PP/EP layout) as a Hugging Face directory.
+    """Export a checkpoint of the trainer or the importer (any TP/PP/EP layout) as a Hugging Face directory.
 
     Args:
         path: the run's checkpoint root (CheckpointConfig.save_dir) or one iter_* folder.
         out_dir: the directory to create.
         step: which step under the root (default: the latest).
-        arch: override the architecture read from the checkpoint.
-        **export_kwargs: passed to `export_state_dict` (tokenizer_dir, dtype, max_shard_size,
-            token ids, overwrite, progress). Without a tokenizer or an explicit eos_token_id,
+        model: override the architecture read from the checkpoint.
+        **export_kwargs: passed to `export_state_dict` (tokenizer_dir, chat_template, dtype,
+            max_shard_size, token ids, overwrite, progress). Without a tokenizer or an explicit eos_token_id,
             the run's end-of-document id (DataConfig.eod_id) becomes the eos token id.
 
     Raises:
@@ -126,14 +113,14 @@ def export_training_checkpoint(
         IncompleteCheckpointError: tensors or checkpoint files are missing (all are named).
         UnsupportedArchitectureError: the model cannot be exported as Qwen3 / Qwen3-MoE.
         ValueError: out_dir holds the checkpoint, or the checkpoint holds no run configuration
-            and no `arch` was given.
+            and no `model` was given.
     """
     checkpoint = resolve_training_checkpoint(path, step)
     overwrite = export_kwargs.get("overwrite", False)
     check_output_dir(out_dir, overwrite=overwrite, checkpoint=checkpoint)  # before the load
-    if arch is None:
-        arch = arch_from_training_checkpoint(checkpoint)
+    if model is None:
+        model = arch_from_training_checkpoint(checkpoint)
     if export_kwargs.get("tokenizer_dir") is None and export_kwargs.get("eos_token_id") is None:
         export_kwargs["eos_token_id"] = _run_eod_id(checkpoint)
-    state = load_full_model_tensors(checkpoint, num_layers=arch.num_layers)
-    return export_state_dict(state, arch, out_dir, **export_kwargs)
+    state = load_full_model_tensors(checkpoint, num_layers=model.num_layers)
+    return export_state_dict(state, model, out_dir, **export_kwargs)

@@ -12,95 +12,60 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import StateDictSplit, split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 
-from megatron_ext.export.arch import ExportArch
+from megatron_ext.export.hf_config import hf_config_json, to_hf_config
 from megatron_ext.export.preflight import (
+    CHAT_TEMPLATE_FILE,
     TOKENIZER_FILES,
     check_output_dir,
     parse_size,
+    tokenizer_chat_template,
     tokenizer_files,
 )
+from megatron_ext.models.config import ModelConfig
 
 __all__ = [
     "SAFE_WEIGHTS_INDEX_NAME",
     "TOKENIZER_FILES",
-    "ShardWriter",
     "atomic_output_dir",
     "copy_tokenizer_files",
     "default_mode",
     "generation_config_dict",
     "hf_config_dict",
+    "install_chat_template",
     "parse_size",
+    "write_safetensors",
 ]
 
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
 
 def hf_config_dict(
-    arch: ExportArch,
+    model: ModelConfig,
     *,
     dtype: torch.dtype,
     bos_token_id: int | None = None,
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
 ) -> dict[str, Any]:
-    """config.json for Qwen3ForCausalLM or Qwen3MoeForCausalLM, in the layout Qwen publishes.
-
-    The flat `rope_theta` / `rope_scaling` / `torch_dtype` fields are what transformers 4.x and vLLM
-    read; transformers 5 converts them on load (to `rope_parameters` and `dtype`) without warnings.
-    """
-    if dtype not in _DTYPE_NAMES:
-        raise ValueError(f"unsupported export dtype {dtype}; choose one of {list(_DTYPE_NAMES)}")
-    config: dict[str, Any] = {
-        "architectures": ["Qwen3MoeForCausalLM" if arch.is_moe else "Qwen3ForCausalLM"],
-        "model_type": "qwen3_moe" if arch.is_moe else "qwen3",
-        "vocab_size": arch.vocab_size,
-        "hidden_size": arch.hidden_size,
-        "intermediate_size": arch.ffn_hidden_size,
-        "num_hidden_layers": arch.num_layers,
-        "num_attention_heads": arch.num_attention_heads,
-        "num_key_value_heads": arch.num_query_groups,
-        "head_dim": arch.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": arch.max_position_embeddings,
-        "rms_norm_eps": arch.rms_norm_eps,
-        "rope_theta": arch.rope_theta,
-        "rope_scaling": None,
-        "tie_word_embeddings": arch.tie_word_embeddings,
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "use_sliding_window": False,
-        "sliding_window": None,
-        "max_window_layers": arch.num_layers,
-        "initializer_range": 0.02,
-        "use_cache": True,
-        "bos_token_id": bos_token_id,
-        "eos_token_id": eos_token_id,
-        "pad_token_id": pad_token_id,
-        "torch_dtype": _DTYPE_NAMES[dtype],
-    }
-    if arch.is_moe:
-        # HF: layer i is sparse iff i not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0.
-        # megatron's moe_layer_freq counts from layer 0 instead: name the dense layers explicitly.
-        config |= {
-            "num_experts": arch.num_experts,
-            "num_experts_per_tok": arch.moe_router_topk,
-            "moe_intermediate_size": arch.moe_ffn_hidden_size,
-            "norm_topk_prob": arch.norm_topk_prob,
-            "decoder_sparse_step": 1,
-            "mlp_only_layers": [i for i in range(arch.num_layers) if not arch.is_moe_layer(i)],
-            "output_router_logits": False,
-            "router_aux_loss_coef": 0.001,
-        }
-    return config
+    """config.json for Qwen3ForCausalLM or Qwen3MoeForCausalLM: transformers' own config object
+    of the model (hf_config.to_hf_config) as config.json holds it (hf_config.hf_config_json,
+    with the flat fields transformers 4.x and vLLM read)."""
+    config = to_hf_config(
+        model,
+        dtype=dtype,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
+    return hf_config_json(config)
 
 
 def generation_config_dict(
@@ -121,56 +86,65 @@ def generation_config_dict(
     return out
 
 
-class ShardWriter:
-    """Writes tensors into safetensors shards of at most `max_shard_bytes` (a bigger tensor gets a
-    shard of its own), then names them model-0000i-of-0000n.safetensors and writes the index."""
+def write_safetensors(
+    directory: Path,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    layout: Mapping[str, torch.Tensor],
+    max_shard_size: int | str,
+) -> StateDictSplit:
+    """Write the model's tensors as safetensors shards with their index, as save_pretrained does.
 
-    def __init__(self, directory: Path, max_shard_bytes: int) -> None:
-        self.directory = directory
-        self.max_shard_bytes = max_shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
-        self._shards: list[tuple[Path, list[str]]] = []
-        self.total_bytes = 0
+    The shard plan (which tensor goes in which model-0000i-of-0000n.safetensors, or the one
+    model.safetensors, and the index's metadata) is huggingface_hub's
+    `split_torch_state_dict_into_shards`, made from `layout` (the tensors' shapes and dtypes, on
+    the meta device) before any data exists; each shard is written with safetensors' `save_file`
+    as soon as its last tensor has arrived from `tensors` (an iterator that makes them one at a
+    time), so memory holds about one shard, not the model (the plan can put a tensor larger than
+    `max_shard_size` into a shard of its own while another is still being filled: that shard
+    waits).
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue one tensor; it must be contiguous and own its storage."""
-        if name in self._pending or any(name in names for _, names in self._shards):
-            raise ValueError(f"tensor {name!r} written twice")
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
-            self._flush()
-        self._pending[name] = tensor
-        self._pending_bytes += nbytes
-        self.total_bytes += nbytes
+    Args:
+        directory: where the files go.
+        tensors: (name, CPU tensor owning its storage), in any order, each name of `layout` once.
+        layout: name -> a tensor of the same shape and dtype (e.g. on the meta device), in the
+            order that decides the shards.
+        max_shard_size: the largest shard, bytes or a string like "5GB".
 
-    def _flush(self) -> None:
-        path = self.directory / f".shard-{len(self._shards):05d}.safetensors"
-        save_file(self._pending, str(path), metadata={"format": "pt"})
-        # safetensors creates its files with mode 0o600 (as private temporary files): give the
-        # shard the mode an ordinary new file gets, so other users can read the model.
-        os.chmod(path, default_mode(is_dir=False))
-        self._shards.append((path, list(self._pending)))
-        self._pending, self._pending_bytes = {}, 0
+    Returns:
+        The plan (filename_to_tensors, tensor_to_filename, metadata, is_sharded).
 
-    def finish(self) -> dict[str, Any]:
-        """Write the last shard, rename all to their final names, write and return the index."""
-        if self._pending:
-            self._flush()
-        if not self._shards:
-            raise ValueError("no tensors to write")
-        n = len(self._shards)
-        weight_map: dict[str, str] = {}
-        for i, (path, names) in enumerate(self._shards):
-            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            path.rename(self.directory / final)
-            weight_map |= dict.fromkeys(names, final)
+    Raises:
+        ValueError: a tensor not in `layout`, written twice, or of another shape or dtype; or
+            tensors of `layout` that never came.
+    """
+    split = split_torch_state_dict_into_shards(dict(layout), max_shard_size=max_shard_size)
+    waiting = {file: set(names) for file, names in split.filename_to_tensors.items()}
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors:
+        file = split.tensor_to_filename.get(name)
+        if file is None or name not in waiting.get(file, ()):
+            raise ValueError(f"tensor {name!r} is not in the layout, or written twice")
+        planned = layout[name]
+        if tuple(tensor.shape) != tuple(planned.shape) or tensor.dtype != planned.dtype:
+            raise ValueError(
+                f"tensor {name!r}: {tensor.dtype} {list(tensor.shape)}, the layout says "
+                f"{planned.dtype} {list(planned.shape)}"
+            )
+        pending.setdefault(file, {})[name] = tensor
+        waiting[file].discard(name)
+        if not waiting[file]:
+            del waiting[file]
+            save_file(pending.pop(file), str(directory / file), metadata={"format": "pt"})
+    if waiting:
+        missing = sorted(name for names in waiting.values() for name in names)
+        raise ValueError(f"{len(missing)} tensors of the layout were not written: {missing[:5]}")
+    if split.is_sharded:
         index = {
-            "metadata": {"total_size": self.total_bytes},
-            "weight_map": dict(sorted(weight_map.items())),
+            "metadata": split.metadata,
+            "weight_map": dict(sorted(split.tensor_to_filename.items())),
         }
-        write_json(self.directory / SAFE_WEIGHTS_INDEX_NAME, index)
-        return index
+        write_json(directory / SAFE_WEIGHTS_INDEX_NAME, index)
+    return split
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -179,11 +153,41 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def copy_tokenizer_files(tokenizer_dir: str | os.PathLike[str], out_dir: Path) -> list[str]:
-    """Copy the tokenizer files of `tokenizer_dir` (see TOKENIZER_FILES) into `out_dir`."""
+    """Copy the tokenizer files of `tokenizer_dir` (preflight.tokenizer_file_names: TOKENIZER_FILES
+    and the named chat templates) into `out_dir`; returns their relative paths."""
     copied = tokenizer_files(tokenizer_dir)
     for name in copied:
+        (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(Path(tokenizer_dir) / name, out_dir / name)
     return copied
+
+
+def install_chat_template(directory: Path, template: str) -> str | None:
+    """Make `template` the (default) chat template of the tokenizer files in `directory`.
+
+    It is written to chat_template.jinja, where transformers' save_pretrained puts the template
+    (checked with 5.24) and which its from_pretrained reads before tokenizer_config.json's
+    `chat_template`; a default template in tokenizer_config.json is removed so that no reader
+    finds the replaced one (named templates stay). Returns the template replaced, None when the
+    tokenizer had none.
+    """
+    previous = tokenizer_chat_template(directory)
+    config_path = directory / "tokenizer_config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text())
+        old = config.get("chat_template")
+        if isinstance(old, str):
+            del config["chat_template"]
+        elif isinstance(old, list):
+            named = [t for t in old if not (isinstance(t, dict) and t.get("name") == "default")]
+            if named:
+                config["chat_template"] = named
+            else:
+                del config["chat_template"]
+        if old is not None:
+            config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    (directory / CHAT_TEMPLATE_FILE).write_text(template, encoding="utf-8")
+    return previous
 
 
 def _umask() -> int:

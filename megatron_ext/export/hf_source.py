@@ -1,12 +1,12 @@
 """A Hugging Face Qwen3 / Qwen3-MoE model directory, read and checked whole before an import.
 
-`read_hf_model(directory, ...)` reads config.json (with transformers' own config class), the
-safetensors headers and the tokenizer, and refuses, naming the config field or file, its value and
-the fix, everything the importer would otherwise turn into a wrong checkpoint or fail on half-way:
+`read_hf_model(directory, ...)` reads config.json (with transformers' own config class, into a
+models.ModelConfig by export.hf_config.from_hf_config), the safetensors headers and the tokenizer,
+and refuses, naming the config field or file, its value and the fix, everything the importer would
+otherwise turn into a wrong checkpoint or fail on half-way:
 
 - an architecture or option the megatron_ext model does not compute (another model_type or head,
-  sliding-window attention, rope scaling, attention biases, another activation, MoE layouts that
-  models.ModelConfig cannot describe);
+  sliding-window attention, rope scaling, attention biases, another activation, shared experts);
 - weights that are not all there: a shard the index names that is missing or shorter than its
   header says, a tensor the key map needs that no shard holds, a shape that config.json does not
   imply, a non-float dtype, or tensors the key map does not know;
@@ -29,8 +29,9 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from megatron_ext.export.arch import ExportArch, UnsupportedArchitectureError
-from megatron_ext.export.preflight import TOKENIZER_FILES
+from megatron_ext.export.arch import UnsupportedArchitectureError
+from megatron_ext.export.hf_config import HF_ARCHITECTURES, from_hf_config
+from megatron_ext.export.preflight import tokenizer_file_names
 from megatron_ext.models.config import ModelConfig
 
 __all__ = [
@@ -40,9 +41,6 @@ __all__ = [
     "read_hf_model",
     "read_safetensors_header",
 ]
-
-HF_ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
-"""config.json model_type -> the architecture (model class) the importer reads."""
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -79,9 +77,10 @@ class HfModel:
     model_type: str
     """config.json's model_type (qwen3 or qwen3_moe)."""
     model: ModelConfig
-    """The megatron_ext architecture of the model (vocab_size unpadded)."""
-    arch: ExportArch
-    """The key map's description of it, vocabulary padded for the import's TP size."""
+    """The megatron_ext architecture of the model (vocab_size unpadded; export.hf_config)."""
+    padded_vocab_size: int
+    """Rows of the megatron embedding and output layer: vocab_size padded for the import's TP
+    size (ModelConfig.padded_vocab_size)."""
     tensors: dict[str, HfTensor]
     """Every tensor the import reads, by Hugging Face name."""
     tokenizer_files: tuple[str, ...]
@@ -209,71 +208,6 @@ def _read_tensors(directory: Path) -> dict[str, HfTensor]:
     return tensors
 
 
-# config.json fields whose value must be the one given (else: what the megatron model does).
-_REQUIRED_OPTIONS: tuple[tuple[str, Any, str], ...] = (
-    ("hidden_act", "silu", "megatron_ext's MLPs are SwiGLU (silu); only hidden_act='silu'"),
-    ("attention_bias", False, "megatron_ext's Qwen3 attention has no biases on q/k/v/o"),
-    ("use_sliding_window", False, "megatron_ext's model attends to the whole causal context in "
-     "every layer; sliding-window attention cannot be imported"),
-)  # fmt: skip
-
-
-def _check_options(config: Any, directory: Path) -> None:
-    where = _where(directory)
-    for name, required, reason in _REQUIRED_OPTIONS:
-        value = getattr(config, name, required)
-        if value != required:
-            raise UnsupportedArchitectureError(
-                f"{where} has {name}={json.dumps(value)}: {reason} (need {name}="
-                f"{json.dumps(required)})"
-            )
-    layer_types = getattr(config, "layer_types", None) or []
-    other = sorted({t for t in layer_types if t != "full_attention"})
-    if other:
-        raise UnsupportedArchitectureError(
-            f"{where} has layer_types with {other}: megatron_ext's model uses full attention in "
-            "every layer (need every layer_types entry 'full_attention')"
-        )
-    rope = dict(getattr(config, "rope_parameters", None) or {})
-    if rope.get("rope_type", "default") != "default":
-        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
-        raise UnsupportedArchitectureError(
-            f"{where} has rope_scaling={json.dumps(scaling)} (rope_type "
-            f"{rope['rope_type']!r}); megatron_ext's model applies plain RoPE (rope_theta only). "
-            "If the weights were trained without it (Qwen3 adds YaRN for long-context inference "
-            "only), set rope_scaling to null in config.json and import again"
-        )
-
-
-def _moe_fields(config: Any, directory: Path) -> dict[str, Any]:
-    where = _where(directory)
-    sparse_step = getattr(config, "decoder_sparse_step", 1)
-    dense_layers = list(getattr(config, "mlp_only_layers", None) or [])
-    if sparse_step != 1 or dense_layers:
-        raise UnsupportedArchitectureError(
-            f"{where} has decoder_sparse_step={sparse_step} and mlp_only_layers={dense_layers}: "
-            "megatron_ext's MoE models have experts in every layer (need decoder_sparse_step=1 "
-            "and mlp_only_layers=[])"
-        )
-    if not getattr(config, "norm_topk_prob", True):
-        raise UnsupportedArchitectureError(
-            f"{where} has norm_topk_prob=false: megatron_ext's router renormalises the top-k "
-            "routing weights to sum to 1 (need norm_topk_prob=true)"
-        )
-    if getattr(config, "shared_expert_intermediate_size", 0):
-        raise UnsupportedArchitectureError(
-            f"{where} has shared_expert_intermediate_size="
-            f"{config.shared_expert_intermediate_size}: Qwen3-MoE has no shared expert and the "
-            "importer maps none"
-        )
-    return {
-        "num_experts": config.num_experts,
-        "moe_router_topk": config.num_experts_per_tok,
-        "moe_ffn_hidden_size": config.moe_intermediate_size,
-        "moe_aux_loss_coeff": float(getattr(config, "router_aux_loss_coef", 1e-3)),
-    }
-
-
 def _read_config(directory: Path) -> tuple[str, Any]:
     """(model_type, transformers config) of config.json, its model_type and head checked first."""
     path = directory / "config.json"
@@ -298,35 +232,6 @@ def _read_config(directory: Path) -> tuple[str, Any]:
     else:
         from transformers import Qwen3MoeConfig as config_class
     return model_type, config_class.from_pretrained(str(directory))
-
-
-def _model_config(model_type: str, config: Any, directory: Path) -> ModelConfig:
-    _check_options(config, directory)
-    moe = _moe_fields(config, directory) if model_type == "qwen3_moe" else {}
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    rope = dict(getattr(config, "rope_parameters", None) or {})
-    rope_theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
-    if rope_theta is None:
-        raise ValueError(f"{_where(directory)} gives no rope_theta")
-    try:
-        return ModelConfig(
-            name=directory.name or "hf",
-            vocab_size=config.vocab_size,
-            hidden_size=config.hidden_size,
-            num_layers=config.num_hidden_layers,
-            num_attention_heads=config.num_attention_heads,
-            num_query_groups=config.num_key_value_heads or config.num_attention_heads,
-            head_dim=head_dim,
-            ffn_hidden_size=config.intermediate_size,
-            rope_base=float(rope_theta),
-            seq_length=config.max_position_embeddings,
-            tie_embeddings=bool(config.tie_word_embeddings),
-            rms_eps=float(config.rms_norm_eps),
-            init_std=float(config.initializer_range),
-            **moe,
-        )
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{_where(directory)} describes no valid model: {exc}") from None
 
 
 def _divisors(n: int) -> str:
@@ -357,15 +262,15 @@ def _check_layout(model: ModelConfig, tp: int, pp: int, ep: int, directory: Path
             )
 
 
-def _expected_shapes(arch: ExportArch) -> dict[str, tuple[int, ...]]:
+def _expected_shapes(model: ModelConfig, padded_vocab_size: int) -> dict[str, tuple[int, ...]]:
     """HF name -> shape, from the key map's megatron shapes through its transforms (meta)."""
     import torch
 
     from megatron_ext.export.key_map import plan_keys
 
     shapes: dict[str, tuple[int, ...]] = {}
-    for entry in plan_keys(arch):
-        outs = entry.transform(torch.empty(entry.shape, device="meta"), arch)
+    for entry in plan_keys(model, padded_vocab_size):
+        outs = entry.transform(torch.empty(entry.shape, device="meta"), model)
         shapes |= {name: tuple(t.shape) for name, t in zip(entry.hf, outs, strict=True)}
     return shapes
 
@@ -376,10 +281,10 @@ def _listing(names: list[str], limit: int = 8) -> str:
 
 
 def _check_tensors(
-    tensors: dict[str, HfTensor], arch: ExportArch, directory: Path
+    tensors: dict[str, HfTensor], model: ModelConfig, padded_vocab_size: int, directory: Path
 ) -> dict[str, HfTensor]:
     """The tensors the key map reads, after checking names and shapes; returns them."""
-    expected = _expected_shapes(arch)
+    expected = _expected_shapes(model, padded_vocab_size)
     missing = sorted(set(expected) - set(tensors))
     if missing:
         raise ValueError(
@@ -387,7 +292,7 @@ def _check_tensors(
             "architecture needs; the download is incomplete or config.json is of another model"
         )
     extra = sorted(set(tensors) - set(expected))
-    if arch.tie_word_embeddings and "lm_head.weight" in extra:
+    if model.tie_embeddings and "lm_head.weight" in extra:
         extra.remove("lm_head.weight")  # a copy of the tied embedding that some writers keep
     if extra:
         raise UnsupportedArchitectureError(
@@ -411,7 +316,7 @@ def _check_tensors(
 
 def _check_tokenizer(directory: Path, vocab_size: int) -> tuple[tuple[str, ...], int | None]:
     """The tokenizer files present and the tokenizer's eos id, after checking its size."""
-    files = tuple(name for name in TOKENIZER_FILES if (directory / name).is_file())
+    files = tuple(tokenizer_file_names(directory))
     if not files:
         return (), None
     from transformers import AutoTokenizer
@@ -452,11 +357,11 @@ def read_hf_model(
     if not directory.is_dir():
         raise FileNotFoundError(f"Hugging Face model directory {str(directory)!r} does not exist")
     model_type, config = _read_config(directory)
-    model = _model_config(model_type, config, directory)
+    model = from_hf_config(config, name=directory.name or "hf", where=_where(directory))
     _check_layout(model, tensor_parallel, pipeline_parallel, expert_parallel, directory)
     tokenizer_files, tokenizer_eos = _check_tokenizer(directory, model.vocab_size)
-    arch = _export_arch(model, tensor_parallel)
-    tensors = _check_tensors(_read_tensors(directory), arch, directory)
+    padded_vocab_size = model.padded_vocab_size(tensor_parallel)
+    tensors = _check_tensors(_read_tensors(directory), model, padded_vocab_size, directory)
     eos = config.eos_token_id
     if isinstance(eos, list):
         eos = eos[0] if eos else None
@@ -464,25 +369,8 @@ def read_hf_model(
         directory=directory,
         model_type=model_type,
         model=model,
-        arch=arch,
+        padded_vocab_size=padded_vocab_size,
         tensors=tensors,
         tokenizer_files=tokenizer_files,
         eod_id=eos if eos is not None else tokenizer_eos,
-    )
-
-
-def _export_arch(model: ModelConfig, tensor_parallel: int) -> ExportArch:
-    """The key map's description of the megatron model the trainer builds from `model`: the
-    same derivation as for a training checkpoint (export.from_training), so an export of the
-    imported checkpoint describes the same model."""
-    from megatron_ext.export.arch import arch_from_megatron_config
-    from megatron_ext.models import to_transformer_config
-
-    return arch_from_megatron_config(
-        to_transformer_config(model),
-        vocab_size=model.vocab_size,
-        padded_vocab_size=model.padded_vocab_size(tensor_parallel),
-        max_position_embeddings=model.seq_length,
-        rope_theta=model.rope_base,
-        tie_word_embeddings=model.tie_embeddings,
     )

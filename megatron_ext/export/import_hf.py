@@ -135,7 +135,9 @@ def _chunks(
 ) -> tuple[list[TensorChunk], list[_Source], dict[ObjectKey, Any]]:
     """The checkpoint's chunks (one per sharded tensor of the model), their sources, objects."""
     tensors, objects = model_layout(source.model, tensor_parallel)
-    planned = {entry.megatron[0]: entry for entry in plan_keys(source.arch)}
+    planned = {
+        entry.megatron[0]: entry for entry in plan_keys(source.model, source.padded_vocab_size)
+    }
     names = {name for name, _ in tensors}
     if names != set(planned):
         raise RuntimeError(
@@ -179,7 +181,8 @@ class _TensorReader:
         self.source = source
         self.sources = sources
         self.dtype = dtype
-        self.planned: dict[str, PlannedKey] = {e.megatron[0]: e for e in plan_keys(source.arch)}
+        plan = plan_keys(source.model, source.padded_vocab_size)
+        self.planned: dict[str, PlannedKey] = {e.megatron[0]: e for e in plan}
         self._cached: tuple[str, torch.Tensor] | None = None
         self._bar = tqdm(total=len(sources), desc="import", unit="tensor", disable=not progress)
 
@@ -193,7 +196,7 @@ class _TensorReader:
             self._cached = None  # drop the previous tensor before building the next
             entry = self.planned[name]
             parts = tuple(self._read(hf_name) for hf_name in entry.hf)
-            tensor = entry.merge(parts, self.source.arch)
+            tensor = entry.merge(parts, self.source.model, entry.shape)
             del parts
             self._cached = (name, tensor.to(self.dtype))
         return self._cached[1]
@@ -224,9 +227,9 @@ def run_config(
     source: HfModel, tensor_parallel: int, pipeline_parallel: int, expert_parallel: int
 ) -> dict[str, Any]:
     """The run configuration of the imported checkpoint (a partial TrainConfig: a file that
-    `python -m megatron_ext.training --config` reads, and what export.from_training reads)."""
+    the trainer's `--config` reads, and what export.from_training reads)."""
     config: dict[str, Any] = {
-        "model": dataclasses.asdict(source.model),
+        "model": source.model.to_dict(),
         "parallel": {
             "tensor": tensor_parallel,
             "pipeline": pipeline_parallel,
@@ -304,11 +307,11 @@ def import_hf_model(
     chunks, sources, objects = _chunks(source, dtype, tensor_parallel)
     config = run_config(source, tensor_parallel, pipeline_parallel, expert_parallel)
     if progress:
-        m, a = source.model, source.arch
+        m = source.model
         kind = f"MoE, {m.num_experts} experts" if m.is_moe else "dense"
         print(
             f"importing {source.directory} ({source.model_type}, {kind}, {m.num_layers} layers, "
-            f"vocabulary {m.vocab_size} padded to {a.padded_vocab_size} for tensor parallelism "
+            f"vocabulary {m.vocab_size} padded to {source.padded_vocab_size} for tensor parallelism "
             f"{tensor_parallel}): {len(source.tensors)} tensors in {len(source.files)} "
             f"safetensors files, {source.total_bytes / 1e6:.1f} MB, stored as "
             f"{str(dtype).removeprefix('torch.')}",

@@ -2,8 +2,9 @@
 
 `KEY_MAP` is the whole mapping: one row per megatron tensor, with the Hugging Face tensor(s) it
 becomes and the transform between them; `INVERSES` holds the way back of every transform (the
-importer's). `plan_keys(arch)` expands it for one model (layer and expert indices filled in);
-nothing else in the exporter or the importer knows a parameter name.
+importer's). `plan_keys(model, padded_vocab_size)` expands it for one model (a models.ModelConfig,
+its embedding rows; layer and expert indices filled in); nothing else in the exporter or the
+importer knows a parameter name.
 
 Megatron names are those of `GPTModel.state_dict()` for a TP=1, PP=1, EP=1 model. The local layer
 spec and the Transformer Engine spec differ only in where the pre-norms live; the TE names (and the
@@ -27,32 +28,34 @@ from typing import Literal
 
 import torch
 
-from megatron_ext.export.arch import ExportArch
+from megatron_ext.models.config import ModelConfig
 
 __all__ = ["IGNORED_SUFFIXES", "INVERSES", "KEY_MAP", "KeyRule", "PlannedKey", "plan_keys"]
 
 Scope = Literal["model", "untied", "layer", "dense", "moe", "expert"]
-Transform = Callable[[torch.Tensor, ExportArch], tuple[torch.Tensor, ...]]
-Merge = Callable[[tuple[torch.Tensor, ...], ExportArch], torch.Tensor]
+Transform = Callable[[torch.Tensor, ModelConfig], tuple[torch.Tensor, ...]]
+"""(megatron tensor, model) -> the Hugging Face tensors."""
+Merge = Callable[[tuple[torch.Tensor, ...], ModelConfig, tuple[int, ...]], torch.Tensor]
+"""(Hugging Face tensors, model, the megatron tensor's shape) -> the megatron tensor."""
 
 
-def identity(t: torch.Tensor, arch: ExportArch) -> tuple[torch.Tensor, ...]:
+def identity(t: torch.Tensor, model: ModelConfig) -> tuple[torch.Tensor, ...]:
     """The same tensor."""
     return (t,)
 
 
-def strip_vocab_padding(t: torch.Tensor, arch: ExportArch) -> tuple[torch.Tensor, ...]:
+def strip_vocab_padding(t: torch.Tensor, model: ModelConfig) -> tuple[torch.Tensor, ...]:
     """Drop megatron's padding rows: [padded_vocab, h] -> [vocab, h]."""
-    return (t[: arch.vocab_size],)  # [v, h]
+    return (t[: model.vocab_size],)  # [v, h]
 
 
-def split_qkv(t: torch.Tensor, arch: ExportArch) -> tuple[torch.Tensor, ...]:
+def split_qkv(t: torch.Tensor, model: ModelConfig) -> tuple[torch.Tensor, ...]:
     """Split megatron's fused QKV, laid out per query group, into q, k and v projections.
 
     Each of the num_query_groups groups holds heads_per_group*head_dim rows of q, then head_dim
     rows of k, then head_dim rows of v.
     """
-    ng, hpg, d, h = arch.num_query_groups, arch.heads_per_group, arch.head_dim, arch.hidden_size
+    ng, hpg, d, h = model.num_query_groups, model.heads_per_group, model.head_dim, model.hidden_size
     grouped = t.view(ng, hpg + 2, d, h)  # [ng, hpg + 2, d, h]
     q = grouped[:, :hpg].reshape(ng * hpg * d, h)  # [nh*d, h]
     k = grouped[:, hpg].reshape(ng * d, h)  # [ng*d, h]
@@ -60,7 +63,7 @@ def split_qkv(t: torch.Tensor, arch: ExportArch) -> tuple[torch.Tensor, ...]:
     return q, k, v
 
 
-def split_gate_up(t: torch.Tensor, arch: ExportArch) -> tuple[torch.Tensor, ...]:
+def split_gate_up(t: torch.Tensor, model: ModelConfig) -> tuple[torch.Tensor, ...]:
     """Split a fused SwiGLU linear_fc1 = [gate; up] ([2*ffn, h]) into gate and up ([ffn, h] each).
 
     megatron's SwiGLU is silu(first half) * second half, so the first half is the gate.
@@ -69,31 +72,38 @@ def split_gate_up(t: torch.Tensor, arch: ExportArch) -> tuple[torch.Tensor, ...]
     return gate, up
 
 
-def only(ts: tuple[torch.Tensor, ...], arch: ExportArch) -> torch.Tensor:
+def only(ts: tuple[torch.Tensor, ...], model: ModelConfig, shape: tuple[int, ...]) -> torch.Tensor:
     """The inverse of `identity`: the one tensor."""
     (t,) = ts
     return t
 
 
-def pad_vocab(ts: tuple[torch.Tensor, ...], arch: ExportArch) -> torch.Tensor:
-    """The inverse of `strip_vocab_padding`: [vocab, h] -> [padded_vocab, h], the padding rows 0."""
+def pad_vocab(
+    ts: tuple[torch.Tensor, ...], model: ModelConfig, shape: tuple[int, ...]
+) -> torch.Tensor:
+    """The inverse of `strip_vocab_padding`: [vocab, h] -> [padded_vocab, h] (`shape`), the
+    padding rows 0."""
     (t,) = ts
-    out = t.new_zeros(arch.padded_vocab_size, t.shape[1])  # [pv, h]
-    out[: arch.vocab_size] = t
+    out = t.new_zeros(shape)  # [pv, h]
+    out[: model.vocab_size] = t
     return out
 
 
-def fuse_qkv(ts: tuple[torch.Tensor, ...], arch: ExportArch) -> torch.Tensor:
+def fuse_qkv(
+    ts: tuple[torch.Tensor, ...], model: ModelConfig, shape: tuple[int, ...]
+) -> torch.Tensor:
     """The inverse of `split_qkv`: q, k and v projections -> megatron's QKV, per query group."""
     q, k, v = ts
-    ng, hpg, d, h = arch.num_query_groups, arch.heads_per_group, arch.head_dim, arch.hidden_size
+    ng, hpg, d, h = model.num_query_groups, model.heads_per_group, model.head_dim, model.hidden_size
     grouped = torch.cat(
         [q.reshape(ng, hpg, d, h), k.reshape(ng, 1, d, h), v.reshape(ng, 1, d, h)], dim=1
     )  # [ng, hpg + 2, d, h]
     return grouped.reshape(ng * (hpg + 2) * d, h)  # [(nh + 2*ng)*d, h]
 
 
-def fuse_gate_up(ts: tuple[torch.Tensor, ...], arch: ExportArch) -> torch.Tensor:
+def fuse_gate_up(
+    ts: tuple[torch.Tensor, ...], model: ModelConfig, shape: tuple[int, ...]
+) -> torch.Tensor:
     """The inverse of `split_gate_up`: gate and up ([ffn, h] each) -> [gate; up] ([2*ffn, h])."""
     gate, up = ts
     return torch.cat([gate, up], dim=0)  # [2*ffn, h]
@@ -108,7 +118,8 @@ INVERSES: dict[Transform, Merge] = {
 """Each transform of KEY_MAP -> its inverse (Hugging Face tensors -> the megatron tensor)."""
 
 
-Shape = Callable[[ExportArch], tuple[int, ...]]
+Shape = Callable[[ModelConfig, int], tuple[int, ...]]
+"""(model, padded vocabulary size) -> the shape of a megatron tensor."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,43 +141,43 @@ class KeyRule:
     """Other megatron names of the same tensor (TE spec, grouped experts, dist-checkpoint keys)."""
 
 
-def _vocab(a: ExportArch) -> tuple[int, ...]:
-    return (a.padded_vocab_size, a.hidden_size)
+def _vocab(a: ModelConfig, padded_vocab: int) -> tuple[int, ...]:
+    return (padded_vocab, a.hidden_size)
 
 
-def _hidden(a: ExportArch) -> tuple[int, ...]:
+def _hidden(a: ModelConfig, padded_vocab: int) -> tuple[int, ...]:
     return (a.hidden_size,)
 
 
-def _head(a: ExportArch) -> tuple[int, ...]:
+def _head(a: ModelConfig, padded_vocab: int) -> tuple[int, ...]:
     return (a.head_dim,)
 
 
-def _qkv(a: ExportArch) -> tuple[int, ...]:
+def _qkv(a: ModelConfig, padded_vocab: int) -> tuple[int, ...]:
     return ((a.num_attention_heads + 2 * a.num_query_groups) * a.head_dim, a.hidden_size)
 
 
-def _proj(a: ExportArch) -> tuple[int, ...]:
+def _proj(a: ModelConfig, padded_vocab: int) -> tuple[int, ...]:
     return (a.hidden_size, a.num_attention_heads * a.head_dim)
 
 
-def _fc1(a: ExportArch) -> tuple[int, ...]:
+def _fc1(a: ModelConfig, padded_vocab: int) -> tuple[int, ...]:
     return (2 * a.ffn_hidden_size, a.hidden_size)
 
 
-def _fc2(a: ExportArch) -> tuple[int, ...]:
+def _fc2(a: ModelConfig, padded_vocab: int) -> tuple[int, ...]:
     return (a.hidden_size, a.ffn_hidden_size)
 
 
-def _router(a: ExportArch) -> tuple[int, ...]:
+def _router(a: ModelConfig, padded_vocab: int) -> tuple[int, ...]:
     return (a.num_experts, a.hidden_size)
 
 
-def _expert_fc1(a: ExportArch) -> tuple[int, ...]:
+def _expert_fc1(a: ModelConfig, padded_vocab: int) -> tuple[int, ...]:
     return (2 * a.moe_ffn_hidden_size, a.hidden_size)
 
 
-def _expert_fc2(a: ExportArch) -> tuple[int, ...]:
+def _expert_fc2(a: ModelConfig, padded_vocab: int) -> tuple[int, ...]:
     return (a.hidden_size, a.moe_ffn_hidden_size)
 
 
@@ -230,17 +241,33 @@ class PlannedKey:
     transform: Transform
     """Megatron tensor -> HF tensors."""
     merge: Merge
-    """HF tensors (in `hf` order) -> the megatron tensor (INVERSES[transform])."""
+    """(HF tensors in `hf` order, model, `shape`) -> the megatron tensor (INVERSES[transform])."""
 
 
-def plan_keys(arch: ExportArch) -> list[PlannedKey]:
-    """KEY_MAP expanded for `arch`, in Hugging Face order (embeddings, layers, norm, head)."""
+def plan_keys(model: ModelConfig, padded_vocab_size: int | None = None) -> list[PlannedKey]:
+    """KEY_MAP expanded for `model`, in Hugging Face order (embeddings, layers, norm, head).
+
+    Args:
+        model: the model.
+        padded_vocab_size: rows of megatron's embedding and output layer (vocab_size rounded up
+            for the TP size the model was built for); None: model.padded_vocab_size() (TP=1).
+
+    Raises:
+        ValueError: padded_vocab_size is smaller than the model's vocab_size.
+    """
+    if padded_vocab_size is None:
+        padded_vocab_size = model.padded_vocab_size()
+    if padded_vocab_size < model.vocab_size:
+        raise ValueError(
+            f"padded_vocab_size={padded_vocab_size} is smaller than vocab_size="
+            f"{model.vocab_size}: the embedding must hold a row for every token"
+        )
 
     def expand(rule: KeyRule, **idx: int) -> PlannedKey:
         names = (rule.megatron, *rule.aliases)
         return PlannedKey(
             megatron=tuple(n.format(**idx) for n in names),
-            shape=rule.shape(arch),
+            shape=rule.shape(model, padded_vocab_size),
             hf=tuple(n.format(**idx) for n in rule.hf),
             transform=rule.transform,
             merge=INVERSES[rule.transform],
@@ -251,15 +278,15 @@ def plan_keys(arch: ExportArch) -> list[PlannedKey]:
         by_scope.setdefault(rule.scope, []).append(rule)
     first, *rest = by_scope["model"]  # the embedding first, the final norm after the layers
     plan = [expand(first)]
-    for layer in range(arch.num_layers):
+    for layer in range(model.num_layers):
         plan += [expand(r, layer=layer) for r in by_scope["layer"]]
-        if arch.is_moe_layer(layer):
+        if model.is_moe_layer(layer):
             plan += [expand(r, layer=layer) for r in by_scope["moe"]]
-            for expert in range(arch.num_experts):
+            for expert in range(model.num_experts):
                 plan += [expand(r, layer=layer, expert=expert) for r in by_scope["expert"]]
         else:
             plan += [expand(r, layer=layer) for r in by_scope["dense"]]
     plan += [expand(r) for r in rest]
-    if not arch.tie_word_embeddings:
+    if not model.tie_embeddings:
         plan += [expand(r) for r in by_scope["untied"]]
     return plan

@@ -21,7 +21,7 @@ from megatron_ext.core.checkpoint_layout import (
     missing_root_message,
     step_folders,
 )
-from megatron_ext.export.arch import ExportArch
+from megatron_ext.models.config import ModelConfig
 
 __all__ = [
     "TOKENIZER_FILES",
@@ -29,6 +29,9 @@ __all__ = [
     "check_output_dir",
     "parse_size",
     "read_arch_file",
+    "read_chat_template",
+    "tokenizer_chat_template",
+    "tokenizer_file_names",
     "tokenizer_files",
 ]
 
@@ -45,6 +48,11 @@ TOKENIZER_FILES: tuple[str, ...] = (
 )
 """Files copied from a tokenizer directory when present (never a config.json or weights)."""
 
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+"""The tokenizer's (default) chat template, as transformers writes and reads it first."""
+CHAT_TEMPLATES_DIR = "additional_chat_templates"
+"""transformers' folder of named chat templates (<name>.jinja), also copied."""
+
 _METADATA = "metadata.json"  # megatron-core's dist checkpoint marker (CheckpointingConfig)
 _BACKEND = "torch_dist"  # the only dist checkpoint format load_full_model_tensors reads
 _TENSOR_INDEX = ".metadata"  # torch.distributed.checkpoint's metadata, which the loader reads
@@ -56,7 +64,7 @@ def check_checkpoint_path(
     """Whether `path` is a dist checkpoint folder or a training run's checkpoint root.
 
     A folder holds megatron-core's metadata.json (torch_dist format) and torch's .metadata index;
-    a root holds the `latest` file of megatron_ext.training (with `step`, iter_* folders without
+    a root holds the `latest` file of a training run (with `step`, iter_* folders without
     it are enough). Which step folder a root resolves to, and whether its files are complete, is
     left to the exporter.
 
@@ -147,8 +155,19 @@ def check_output_dir(
     return target
 
 
+def tokenizer_file_names(tokenizer_dir: str | os.PathLike[str]) -> list[str]:
+    """The TOKENIZER_FILES present in `tokenizer_dir`, then its named chat templates
+    (additional_chat_templates/<name>.jinja), as paths relative to it; maybe none."""
+    src = Path(tokenizer_dir)
+    found = [name for name in TOKENIZER_FILES if (src / name).is_file()]
+    templates = src / CHAT_TEMPLATES_DIR
+    if templates.is_dir():
+        found += sorted(f"{CHAT_TEMPLATES_DIR}/{p.name}" for p in templates.glob("*.jinja"))
+    return found
+
+
 def tokenizer_files(tokenizer_dir: str | os.PathLike[str]) -> list[str]:
-    """The names of TOKENIZER_FILES present in `tokenizer_dir`.
+    """The tokenizer files of `tokenizer_dir` (tokenizer_file_names).
 
     Raises:
         FileNotFoundError: the directory does not exist or holds none of them.
@@ -156,7 +175,7 @@ def tokenizer_files(tokenizer_dir: str | os.PathLike[str]) -> list[str]:
     src = Path(tokenizer_dir)
     if not src.is_dir():
         raise FileNotFoundError(f"tokenizer directory {str(src)!r} does not exist")
-    found = [name for name in TOKENIZER_FILES if (src / name).is_file()]
+    found = tokenizer_file_names(src)
     if not found:
         raise FileNotFoundError(
             f"no tokenizer files in {str(src)!r}; expected some of {', '.join(TOKENIZER_FILES)}"
@@ -164,12 +183,49 @@ def tokenizer_files(tokenizer_dir: str | os.PathLike[str]) -> list[str]:
     return found
 
 
-def read_arch_file(path: str | os.PathLike[str]) -> ExportArch:
-    """The ExportArch described by a JSON file of its fields (ExportArch.to_dict).
+def tokenizer_chat_template(tokenizer_dir: str | os.PathLike[str]) -> str | None:
+    """The default chat template of the tokenizer files in `tokenizer_dir`, as transformers
+    finds it: chat_template.jinja, else tokenizer_config.json's `chat_template` (a string, or
+    the entry named "default" of a list of named templates); None if it has none."""
+    src = Path(tokenizer_dir)
+    if (src / CHAT_TEMPLATE_FILE).is_file():
+        return (src / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    try:
+        config = json.loads((src / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    template = config.get("chat_template") if isinstance(config, dict) else None
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
+
+
+def read_chat_template(path: str | os.PathLike[str]) -> str:
+    """The text of a chat template file (Jinja, as tokenizer.apply_chat_template renders it).
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: it is not JSON, not an object, or not a valid ExportArch (naming the field).
+        ValueError: it is empty (only whitespace) or not UTF-8 text.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"chat template {str(path)!r} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"chat template {str(path)!r} is not UTF-8 text: {exc}") from None
+    if not text.strip():
+        raise ValueError(f"chat template {str(path)!r} is empty; give a Jinja chat template")
+    return text
+
+
+def read_arch_file(path: str | os.PathLike[str]) -> ModelConfig:
+    """The model described by a JSON file of models.ModelConfig fields (ModelConfig.to_dict).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: it is not JSON, not an object, or not a valid ModelConfig (naming the field).
     """
     path = Path(path)
     if not path.is_file():
@@ -181,10 +237,10 @@ def read_arch_file(path: str | os.PathLike[str]) -> ExportArch:
     if not isinstance(data, dict):
         raise ValueError(  # noqa: TRY004 - a bad file content, reported like the other values
             f"architecture file {str(path)!r} holds a {type(data).__name__}, not an object of "
-            "ExportArch fields"
+            "ModelConfig fields"
         )
     try:
-        return ExportArch.from_dict(data)
+        return ModelConfig.from_dict(data)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"architecture file {str(path)!r}: {exc}") from None
 

@@ -3,7 +3,14 @@
 The architecture (Qwen3 family): RMSNorm, SwiGLU MLP, rotary position embeddings, grouped-query
 attention with RMSNorm on queries and keys (QK-norm), no linear biases; MoE layers route each token
 to the top-k of `num_experts` SwiGLU experts (softmax over the selected logits, i.e. Qwen3's
-`norm_topk_prob=True`), optionally with a shared expert.
+`norm_topk_prob=True`; or over all logits before the selection, `moe_router_pre_softmax`),
+optionally with a shared expert; an MoE model may keep a dense MLP in some layers
+(`moe_dense_layers`).
+
+`ModelConfig` is the one description of the architecture: the trainer builds its megatron model
+from it (models.gpt), checkpoints record it (and refuse to load into a model whose
+`weight_shape_fields()` differ), and the Hugging Face export and import translate it to and from
+transformers' Qwen3 configs (megatron_ext.export.hf_config).
 
 Hidden sizes of the paper's models are not published (setup.md). The presets below take Qwen3's
 published shapes where a Qwen3 model of that size exists (4B) and otherwise Qwen3-like shapes
@@ -15,8 +22,18 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 __all__ = ["MODEL_PRESETS", "QWEN3_VOCAB_SIZE", "ModelConfig", "model_preset"]
+
+_SHAPES = {"weight_shapes": True}
+"""Field metadata of the fields that decide the shapes of the weights (see weight_shape_fields)."""
+
+
+def _shape_field(default: object = dataclasses.MISSING) -> Any:
+    """A dataclass field that decides weight shapes."""
+    return dataclasses.field(default=default, metadata=_SHAPES)
+
 
 QWEN3_VOCAB_SIZE = 151_936
 """Size of the Qwen3 tokenizer's vocabulary (embedding rows of every Qwen3 model)."""
@@ -35,42 +52,50 @@ class ModelConfig:
 
     name: str = "custom"
     """Preset name, for logs."""
-    vocab_size: int
+    vocab_size: int = _shape_field()
     """Tokenizer vocabulary size (rows are padded up for tensor parallelism, see padded_vocab_size)."""
-    hidden_size: int
+    hidden_size: int = _shape_field()
     """Model width."""
-    num_layers: int
+    num_layers: int = _shape_field()
     """Number of decoder layers."""
-    num_attention_heads: int
+    num_attention_heads: int = _shape_field()
     """Number of query heads."""
-    num_query_groups: int
+    num_query_groups: int = _shape_field()
     """Number of key/value heads (grouped-query attention); divides num_attention_heads."""
-    head_dim: int
+    head_dim: int = _shape_field()
     """Size of one attention head (Qwen3: 128, independent of hidden_size)."""
-    ffn_hidden_size: int
+    ffn_hidden_size: int = _shape_field()
     """Intermediate size of the dense SwiGLU MLP (unused by MoE layers)."""
     rope_base: float = 10_000.0
     """RoPE base period (the paper: 1e4 in pre-training, 1e6 in mid-training)."""
     seq_length: int = 4096
     """Training sequence length (also the model's max_sequence_length)."""
-    tie_embeddings: bool = True
+    tie_embeddings: bool = _shape_field(True)
     """Whether the output layer reuses the input embedding matrix."""
     rms_eps: float = 1e-6
     """Epsilon of every RMSNorm."""
     init_std: float = 0.02
     """Standard deviation of the normal weight initialisation."""
-    make_vocab_size_divisible_by: int = 128
+    make_vocab_size_divisible_by: int = _shape_field(128)
     """Embedding rows are padded to a multiple of this times the TP size (megatron convention)."""
-    num_experts: int = 0
+    num_experts: int = _shape_field(0)
     """Routed experts per MoE layer; 0 for a dense model."""
     moe_router_topk: int = 0
     """Experts each token is routed to."""
-    moe_ffn_hidden_size: int = 0
+    moe_ffn_hidden_size: int = _shape_field(0)
     """Intermediate size of one routed expert."""
-    moe_shared_expert_ffn_hidden_size: int = 0
+    moe_shared_expert_ffn_hidden_size: int = _shape_field(0)
     """Intermediate size of the shared expert; 0 for none (Qwen3-MoE has none)."""
     moe_aux_loss_coeff: float = 1e-3
     """Weight of the load-balancing auxiliary loss (Qwen3-MoE: 1e-3)."""
+    moe_router_pre_softmax: bool = False
+    """Softmax over all experts' logits before the top-k selection, so the k routing weights do
+    not sum to 1 (Hugging Face norm_topk_prob=False); False: softmax over the k selected logits
+    (Qwen3-MoE, norm_topk_prob=True)."""
+    moe_dense_layers: tuple[int, ...] = _shape_field(())
+    """0-based indices of the layers of an MoE model that have a dense MLP (ffn_hidden_size)
+    instead of experts (Hugging Face mlp_only_layers; megatron's moe_layer_freq pattern); empty:
+    experts in every layer."""
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -118,11 +143,83 @@ class ModelConfig:
                 f"moe_shared_expert_ffn_hidden_size={self.moe_shared_expert_ffn_hidden_size} "
                 "need num_experts > 0"
             )
+        if not isinstance(self.moe_router_pre_softmax, bool):
+            raise TypeError(
+                f"{owner}.moe_router_pre_softmax must be true or false, got "
+                f"{self.moe_router_pre_softmax!r}"
+            )
+        self._check_dense_layers(owner)
+
+    def _check_dense_layers(self, owner: str) -> None:
+        dense = self.moe_dense_layers
+        if isinstance(dense, list):  # read from JSON or TOML
+            dense = tuple(dense)
+            object.__setattr__(self, "moe_dense_layers", dense)
+        if not isinstance(dense, tuple) or any(
+            isinstance(i, bool) or not isinstance(i, int) for i in dense
+        ):
+            raise TypeError(f"{owner}.moe_dense_layers must be a list of ints, got {dense!r}")
+        if not dense:
+            return
+        if not self.num_experts:
+            raise ValueError(f"{owner}.moe_dense_layers={list(dense)} needs num_experts > 0")
+        if list(dense) != sorted(set(dense)) or dense[0] < 0 or dense[-1] >= self.num_layers:
+            raise ValueError(
+                f"{owner}.moe_dense_layers={list(dense)} must be increasing layer indices in "
+                f"[0, num_layers={self.num_layers})"
+            )
+        if len(dense) == self.num_layers:
+            raise ValueError(
+                f"{owner}.moe_dense_layers={list(dense)} names every layer: a dense model has "
+                "num_experts=0"
+            )
 
     @property
     def is_moe(self) -> bool:
         """Whether the MLPs are mixtures of experts."""
         return self.num_experts > 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether decoder layer `layer` (0-based) has experts."""
+        return self.is_moe and layer not in self.moe_dense_layers
+
+    @property
+    def moe_layer_pattern(self) -> list[int]:
+        """One 1 (experts) or 0 (dense MLP) per layer: megatron-core's list form of
+        moe_layer_freq."""
+        return [int(self.is_moe_layer(i)) for i in range(self.num_layers)]
+
+    @property
+    def heads_per_group(self) -> int:
+        """Query heads sharing one key/value head."""
+        return self.num_attention_heads // self.num_query_groups
+
+    @classmethod
+    def weight_shape_fields(cls) -> tuple[str, ...]:
+        """The fields that decide the shapes of the weights: a checkpoint loads only into a model
+        that agrees on all of them (the others, e.g. seq_length, rope_base or the MoE aux-loss
+        weight, may change between pre-training and mid-training)."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("weight_shapes"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain (JSON-serialisable) field values; `from_dict` reads them back."""
+        out = dataclasses.asdict(self)
+        out["moe_dense_layers"] = list(self.moe_dense_layers)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """A ModelConfig from plain field values (e.g. read from JSON).
+
+        Raises:
+            ValueError: an unknown field (named, with the known ones), or an invalid value.
+            TypeError: a value of the wrong type.
+        """
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known: {names}")
+        return cls(**data)
 
     def padded_vocab_size(self, tensor_parallel_size: int = 1) -> int:
         """Embedding rows: vocab_size rounded up to make_vocab_size_divisible_by * TP."""
@@ -136,9 +233,9 @@ class ModelConfig:
         out = self.num_attention_heads * d * h
         return q + kv + out + 2 * d  # + q/k RMSNorm weights
 
-    def _mlp_parameters(self, active: bool) -> int:
+    def _mlp_parameters(self, active: bool, layer: int) -> int:
         h = self.hidden_size
-        if not self.is_moe:
+        if not self.is_moe_layer(layer):
             return 3 * h * self.ffn_hidden_size
         experts = self.moe_router_topk if active else self.num_experts
         shared = 3 * h * self.moe_shared_expert_ffn_hidden_size
@@ -146,9 +243,12 @@ class ModelConfig:
 
     def _count(self, active: bool) -> int:
         h = self.hidden_size
-        per_layer = self._attention_parameters() + self._mlp_parameters(active) + 2 * h
+        layers = sum(
+            self._attention_parameters() + self._mlp_parameters(active, i) + 2 * h
+            for i in range(self.num_layers)
+        )
         embeddings = self.vocab_size * h * (1 if self.tie_embeddings else 2)
-        return self.num_layers * per_layer + embeddings + h  # + final norm
+        return layers + embeddings + h  # + final norm
 
     def num_parameters(self) -> int:
         """Total parameters (unpadded vocabulary, embeddings included)."""

@@ -81,6 +81,10 @@ def to_transformer_config(
         moe = {
             "num_moe_experts": model.num_experts,
             "moe_router_topk": model.moe_router_topk,
+            "moe_router_pre_softmax": model.moe_router_pre_softmax,
+            # An int 1 (experts everywhere) keeps the stacked layer keys of older checkpoints;
+            # a list makes megatron key the (mixed) layers one by one.
+            "moe_layer_freq": model.moe_layer_pattern if model.moe_dense_layers else 1,
             "moe_ffn_hidden_size": model.moe_ffn_hidden_size,
             "moe_shared_expert_intermediate_size": model.moe_shared_expert_ffn_hidden_size or None,
             "moe_router_load_balancing_type": "aux_loss",

@@ -20,6 +20,7 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from megatron_ext.models.config import ModelConfig
 from megatron_ext.models.norm import RMSNorm
@@ -67,12 +68,28 @@ def _local_layer_spec(model: ModelConfig) -> ModuleSpec:
     return dataclasses.replace(spec, submodules=sub)
 
 
-def layer_spec(model: ModelConfig, *, use_transformer_engine: bool = False) -> ModuleSpec:
-    """The spec of one decoder layer (every layer is the same: all dense or all MoE, as in Qwen3).
+def layer_spec(
+    model: ModelConfig, *, use_transformer_engine: bool = False, moe: bool | None = None
+) -> ModuleSpec:
+    """The spec of one decoder layer: with experts (moe=True) or a dense MLP (moe=False); None
+    means the model's kind (an MoE model's layers are MoE layers unless moe_dense_layers names
+    them).
 
     Raises:
         TransformerEngineUnavailableError: use_transformer_engine=True without Transformer Engine.
     """
+    if moe is None:
+        moe = model.is_moe
+    if moe and not model.is_moe:
+        raise ValueError(f"an MoE layer needs num_experts > 0 (model {model.name!r} is dense)")
+    if not moe:
+        model = dataclasses.replace(
+            model,
+            num_experts=0,
+            moe_router_topk=0,
+            moe_shared_expert_ffn_hidden_size=0,
+            moe_dense_layers=(),
+        )
     if not use_transformer_engine:
         return _local_layer_spec(model)
     if not have_transformer_engine():
@@ -96,13 +113,24 @@ def decoder_block_spec(
     vp_stage: int | None = None,
     pp_rank: int | None = None,
 ) -> TransformerBlockSubmodules:
-    """The decoder block of this pipeline stage: its layers and the final norm."""
-    spec = layer_spec(model, use_transformer_engine=use_transformer_engine)
+    """The decoder block of this pipeline stage: its layers (MoE or dense, as
+    ModelConfig.is_moe_layer says for each) and the final norm."""
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    if model.moe_dense_layers:
+        offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
+        kinds = [model.is_moe_layer(offset + i) for i in range(num_layers)]
+    else:
+        kinds = [model.is_moe] * num_layers
+    specs = {
+        kind: layer_spec(model, use_transformer_engine=use_transformer_engine, moe=kind)
+        for kind in set(kinds)
+    }
     if use_transformer_engine:
         from megatron.core.extensions.transformer_engine import TENorm
 
         final_norm = TENorm
     else:
         final_norm = RMSNorm
-    return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=final_norm)
+    return TransformerBlockSubmodules(
+        layer_specs=[specs[kind] for kind in kinds], layer_norm=final_norm
+    )

@@ -16,6 +16,7 @@ written: a checkpoint with NaN or infinite weights is never saved.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import queue
 import random
@@ -45,6 +46,7 @@ from megatron_ext.core.checkpoint_layout import (
     step_folders,
     write_latest,
 )
+from megatron_ext.models.config import ModelConfig
 
 __all__ = [
     "CheckpointError",
@@ -417,32 +419,21 @@ def _check_optimizer_compatible(
         )
 
 
-# ModelConfig fields that decide the shapes of the weights (the others, e.g. seq_length,
-# rope_base or the MoE aux-loss weight, may change between pre-training and mid-training).
-_ARCHITECTURE_FIELDS = (
-    "vocab_size",
-    "make_vocab_size_divisible_by",
-    "hidden_size",
-    "num_layers",
-    "num_attention_heads",
-    "num_query_groups",
-    "head_dim",
-    "ffn_hidden_size",
-    "tie_embeddings",
-    "num_experts",
-    "moe_ffn_hidden_size",
-    "moe_shared_expert_ffn_hidden_size",
-)
-
-
 def _check_same_architecture(common: dict, model_config: dict[str, Any], path: Path) -> None:
     saved = (common.get("extra") or {}).get("config", {}).get("model")
     if saved is None:
         return  # saved without its configuration: megatron's shape checks are all we have
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+
+    def value(config: dict[str, Any], name: str) -> Any:
+        # A field the config predates has its default; JSON gives lists for tuples.
+        found = config.get(name, defaults[name])
+        return tuple(found) if isinstance(found, list) else found
+
     diffs = [
-        f"{name}: checkpoint {saved.get(name)!r}, this run {model_config.get(name)!r}"
-        for name in _ARCHITECTURE_FIELDS
-        if saved.get(name) != model_config.get(name)
+        f"{name}: checkpoint {value(saved, name)!r}, this run {value(model_config, name)!r}"
+        for name in ModelConfig.weight_shape_fields()
+        if value(saved, name) != value(model_config, name)
     ]
     if diffs:
         names = (saved.get("name"), model_config.get("name"))

@@ -9,6 +9,7 @@ checkpoints.
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import subprocess
@@ -171,29 +172,68 @@ def test_export_package_imports_without_torch():
     assert proc.stdout.strip() == "[]"
 
 
+def _megatron_ext_imports(module: str) -> set[str]:
+    """The megatron_ext modules that `module`'s source imports anywhere (module level or inside
+    a function), resolved to module names."""
+    path = REPO / Path(*module.split("."))
+    path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1])
+                base = f"{base}.{node.module}" if node.module else base
+            names = [base] + [f"{base}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            # the longest prefix that is a module or package of megatron_ext
+            for end in range(len(parts), 0, -1):
+                candidate = REPO / Path(*parts[:end])
+                if parts[0] == "megatron_ext" and (
+                    candidate.with_suffix(".py").is_file() or (candidate / "__init__.py").is_file()
+                ):
+                    found.add(".".join(parts[:end]))
+                    break
+    return found
+
+
 def test_the_exporter_does_not_import_the_trainer():
-    """Every module of the export and import loads without megatron_ext.training (the checkpoint
-    layout and the model description live below both)."""
-    modules = sorted(
+    """No module of the export and import reaches megatron_ext.training through any import
+    statement, at module level or inside a function, directly or through other megatron_ext
+    modules (the checkpoint layout and the model description live below both)."""
+    start = [
         f"megatron_ext.export.{p.stem}"
-        for p in (REPO / "megatron_ext" / "export").glob("*.py")
-        if p.stem != "__init__"
-    )
-    code = (
-        f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\n"
-        "print(sorted(m for m in sys.modules if m.startswith('megatron_ext.training')))\n"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        check=False,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().splitlines()[-1] == "[]"
-    assert len(modules) >= 10 and "megatron_ext.export.from_training" in modules
+        for p in sorted((REPO / "megatron_ext" / "export").glob("*.py"))
+    ]
+    assert len(start) >= 10 and "megatron_ext.export.from_training" in start
+    seen: dict[str, str | None] = dict.fromkeys(start)
+    todo = list(start)
+    while todo:
+        module = todo.pop()
+        for imported in _megatron_ext_imports(module):
+            # importing a.b.c runs a/__init__ and a/b/__init__ too
+            parts = imported.split(".")
+            for end in range(1, len(parts) + 1):
+                name = ".".join(parts[:end])
+                if name not in seen:
+                    seen[name] = module
+                    todo.append(name)
+    assert "megatron_ext.export.key_map" in seen and "megatron_ext.models.config" in seen
+    reached = sorted(m for m in seen if m.startswith("megatron_ext.training"))
+
+    def chain(name: str) -> str:
+        path = [name]
+        while seen.get(path[-1]) is not None:
+            path.append(seen[path[-1]])
+        return " <- ".join(path)
+
+    assert not reached, [chain(m) for m in reached]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,11 @@
+from pathlib import Path
+
 import pytest
 
 from tests import reliability_report
 from tests.distributed import get_pool, shutdown_pools
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Files whose `reliability` tests write docs/reliability.md; the report is rewritten only when all
 # of them were collected whole and passed.
@@ -14,27 +18,25 @@ def pytest_sessionstart(session):
     them on disk (cache=True), so the gloo pools and every subprocess then load them; in a fresh
     clone there is no cache yet, and each process that meets a kernel first compiles it itself
     (the serial twins in the one-thread pool workers, the parallel ones in the 2-thread
-    subprocesses), several at once."""
-    import torch
+    subprocesses), several at once. The two kinds compile in two processes side by side (numba
+    compiles one function at a time per process; together about 1 minute on 2 cores)."""
+    import subprocess
+    import sys
 
-    from megatron_ext.loss import RewardShapingConfig, vocab_parallel_shaped_cross_entropy
-    from megatron_ext.loss.select import top_k_rows
-
-    threads = torch.get_num_threads()
-    try:
-        for n, num_threads in ((4, 1), (1024, max(2, threads))):  # serial and parallel twins
-            torch.set_num_threads(num_threads)
-            for preset in ("tail_suppression", "precision", "head_preservation"):
-                logits = torch.randn(n, 1, 512, requires_grad=True)
-                target = torch.zeros(n, 1, dtype=torch.long)
-                cfg = RewardShapingConfig.preset(preset)
-                loss, _ = vocab_parallel_shaped_cross_entropy(
-                    logits * 1, target, cfg, None, return_stats=True
-                )
-                loss.sum().backward()
-            top_k_rows(torch.randn(n, 600), 101)
-    finally:
-        torch.set_num_threads(threads)
+    procs = {
+        mode: subprocess.Popen(
+            [sys.executable, "-m", "tests._warm_kernels", mode],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for mode in ("serial", "parallel")
+    }
+    for mode, proc in procs.items():
+        output, _ = proc.communicate()
+        if proc.returncode:  # the tests that need the kernels compile them, and fail if broken
+            print(f"\ncompiling the {mode} CPU kernels failed:\n{output[-3000:]}")
 
 
 @pytest.fixture(scope="session")

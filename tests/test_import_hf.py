@@ -8,9 +8,9 @@ with different kernels, measured differences ~1e-7). Exported back with the exis
 every tensor is bitwise the original. The trainer starts from an import padded for another TP
 size (weights only, step 0) and saves exactly the imported weights after a step at lr=0; a few
 steps of the `precision` loss at TP=2, exported, give transformers' logits equal to megatron's
-logits of the trained checkpoint (1e-5; measured ~4e-7). Every
-refusal is one `error:` line naming the field and the fix, before anything is written; the peak
-memory of an 8-shard import stays below twice its largest shard plus one layer.
+logits of the trained checkpoint (1e-5; measured ~4e-7). Every refusal is one `error:` line
+naming the field and the fix, before anything is written; the peak memory of an 8-shard import
+stays below twice its largest shard plus one layer.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@
         --account ACC --partition batch --nodes 16 --container-image IMG \\
         --mount /lustre/data:/data --mount /lustre/results:/results --dryrun
     python -m run_configs midtrain --recipe dense_4b --preset precision --executor slurm ...
+    python -m run_configs midtrain --recipe tiny --init-from CKPT --preset precision --nproc 2 tp=2
     python -m run_configs compare --data-dir outputs/main/corpus --out outputs/compare --steps 200
     python -m run_configs compare --presets ce precision --seeds 3 --out outputs/compare3
     python -m run_configs report outputs/compare/ce outputs/compare/precision --out DIR
@@ -17,7 +18,9 @@ from the step count); any TrainConfig field by its dotted path (`optimizer.lr=1e
 `model.num_layers=4`, `data.paths=[/d/a,/d/b]`, `checkpoint.load_dir=DIR`) is set in the built
 run.Config tree as is; `executor.FIELD=VALUE` sets an executor field (`executor.time=08:00:00`).
 `--dryrun` validates everything and prints the resolved configuration, the parallel layout and
-what would run (the torchrun command line, or the sbatch script) without running it.
+what would run (the torchrun command line, or the sbatch script) without running it. `midtrain`
+starts from a pre-training run (`--load`) or from a model imported from Hugging Face
+(`--init-from CKPT`, made by tools/import_hf.py: its weights from step 0).
 """
 
 from __future__ import annotations
@@ -73,6 +76,8 @@ def _recipe(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         kwargs["data_paths"] = list(args.data)
     if args.load:
         kwargs["load_dir"] = args.load
+    if args.init_from:
+        kwargs["init_from"] = args.init_from
     return recipe, kwargs
 
 
@@ -115,10 +120,28 @@ def _precheck(args: argparse.Namespace) -> None:
             "--load is for midtrain; a pretrain run resumes from its own checkpoint folder, and "
             "checkpoint.load_dir=DIR starts it from another run's"
         )
-    if args.command == "midtrain" and args.recipe == "tiny" and not args.load:
-        raise ValueError("midtrain --recipe tiny needs --load (the pre-training checkpoints)")
+    if args.command == "pretrain" and args.init_from:
+        raise ValueError(
+            "--init-from is for midtrain; a pretrain run starts from another checkpoint's weights "
+            "with checkpoint.init_from=DIR"
+        )
+    if args.load and args.init_from:
+        raise ValueError(
+            f"--load {args.load} and --init-from {args.init_from} both name where mid-training "
+            "starts: --load continues a pre-training run, --init-from takes a model imported with "
+            "tools/import_hf.py; pass one"
+        )
+    if args.command == "midtrain" and args.recipe == "tiny" and not (args.load or args.init_from):
+        raise ValueError(
+            "midtrain --recipe tiny needs --load (the pre-training checkpoints) or --init-from "
+            "(a model imported with tools/import_hf.py)"
+        )
     if args.load and args.executor == "local" and not Path(args.load).exists():
         raise ValueError(missing_root_message("--load", args.load))
+    if args.init_from and args.executor == "local":
+        from megatron_ext.training.start import check_init_from
+
+        check_init_from(args.init_from)  # a typo, a Hugging Face directory not imported yet
     if args.executor == "slurm" and args.packager == "git":
         inside = subprocess.run(
             ["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=False
@@ -137,14 +160,19 @@ def _continued_preset(args: argparse.Namespace) -> str:
     from megatron_ext.export.from_training import training_run_config
     from megatron_ext.loss.config import RewardShapingConfig
 
-    load = args.load
+    load = args.load or getattr(args, "init_from", None)
     step = latest_step(load) if load and Path(load).is_dir() else None
     if step is None:
         raise ValueError(
             f"midtrain needs --preset: the checkpoint it continues ({load or 'the recipe default'})"
             " cannot be read here to take the pre-training's preset from it"
         )
-    shaping = training_run_config(checkpoint_dir(load, step)).get("shaping", {})
+    shaping = training_run_config(checkpoint_dir(load, step)).get("shaping")
+    if shaping is None:
+        raise ValueError(
+            f"midtrain needs --preset: {load} (step {step}) records no loss, as a model imported "
+            f"from Hugging Face does; choose one of {', '.join(RewardShapingConfig.PRESET_NAMES)}"
+        )
     for name in RewardShapingConfig.PRESET_NAMES:
         values = dataclasses.asdict(RewardShapingConfig.preset(name))
         if all(shaping.get(k) == v for k, v in values.items()):
@@ -388,7 +416,8 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument(
                 "--preset",
                 choices=PRESETS,
-                help="loss preset (default: the one the --load checkpoint was trained with)",
+                help="loss preset (default: the one the --load or --init-from checkpoint was "
+                "trained with; an import from Hugging Face needs it)",
             )
         s.add_argument("--executor", default="local", choices=("local", "slurm"))
         s.add_argument("--name", help="experiment/job name")
@@ -400,6 +429,12 @@ def _parser() -> argparse.ArgumentParser:
         )
         s.add_argument("--data", nargs="+", help="paper recipes: indexed dataset prefixes")
         s.add_argument("--load", help="midtrain: the pre-training checkpoint folder")
+        s.add_argument(
+            "--init-from",
+            metavar="CKPT",
+            help="midtrain: instead of --load, a checkpoint root made by tools/import_hf.py (its "
+            "weights, from step 0); the tiny recipe takes its model, a paper recipe checks it",
+        )
         s.add_argument("--dryrun", action="store_true", help="validate and print, run nothing")
         s.add_argument(
             "--overwrite",

@@ -19,6 +19,12 @@ Recipes:
   context parallelism (2 ranks per sequence, which needs TE) where pre-training's layout would
   otherwise raise the tensor parallelism, with full activation recomputation.
 
+Mid-training starts either from a pre-training run (`load_dir`: its weights, not its optimizer
+state or data position) or from a model imported from Hugging Face with tools/import_hf.py
+(`init_from`: CheckpointConfig.init_from, weights only, step 0). With `init_from` the tiny recipe
+takes the model from the import's config.json, and a paper recipe checks the import against its
+model (dense_4b is Qwen3-4B's shape), naming every field that differs.
+
 The loss is chosen by preset name: ce, precision, diversity, tail_suppression, head_preservation
 (megatron_ext.loss.RewardShapingConfig.preset).
 """
@@ -46,6 +52,7 @@ from megatron_ext.training import (
     pretrain,
 )
 from megatron_ext.training.config import PAPER_WARMUP_STEPS
+from megatron_ext.training.start import check_init_from, recorded_run_config
 from run_configs.names import PAPER_MODELS, PRESETS, RECIPE_NAMES, STAGES
 
 __all__ = [
@@ -180,6 +187,67 @@ def _check_preset(preset: str) -> None:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
 
 
+# ModelConfig fields that an initialisation from a checkpoint may change: the stage sets the
+# sequence length and the RoPE base; the initialisation's spread is unused (the weights are read).
+_STAGE_FIELDS = ("name", "seq_length", "rope_base", "init_std")
+
+
+def _start_of_midtrain(
+    recipe: str, load_dir: str | Path | None, init_from: str | Path | None, *, required: bool
+) -> None:
+    """Mid-training starts from exactly one of load_dir and init_from (or, where not required,
+    from the recipe's default load_dir)."""
+    if load_dir is not None and init_from is not None:
+        raise ValueError(
+            f"{recipe}: load_dir={str(load_dir)!r} and init_from={str(init_from)!r} both name "
+            "where mid-training starts: load_dir takes a pre-training run's weights, init_from a "
+            "checkpoint root made by tools/import_hf.py (or any run's, weights only); pass one"
+        )
+    if required and load_dir is None and init_from is None:
+        raise ValueError(
+            f"{recipe} needs load_dir (the pre-training checkpoints) or init_from (a model "
+            "imported with tools/import_hf.py)"
+        )
+
+
+def _imported_model(recipe: str, init_from: str) -> ModelConfig | None:
+    """The model recorded in init_from's config.json (None when that file is absent), after
+    checking that init_from is a checkpoint root."""
+    check_init_from(init_from)  # a missing path, a Hugging Face directory: that error first
+    fields = (recorded_run_config(init_from) or {}).get("model")
+    if not isinstance(fields, dict):
+        return None
+    try:
+        return ModelConfig(**fields)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(
+            f"{recipe}: the model table of {init_from}/config.json is not a ModelConfig ({exc})"
+        ) from None
+
+
+def _check_imported_model(recipe: str, init_from: str, model: ModelConfig) -> None:
+    """Refuse an init_from checkpoint whose model differs from `model` in any field the stage
+    does not set, naming every such field (skipped where init_from is not readable here: a path
+    as the job's nodes see it; the trainer checks it again when it loads)."""
+    if not Path(init_from).exists():
+        return
+    imported = _imported_model(recipe, init_from)
+    if imported is None:
+        return
+    ours, theirs = dataclasses.asdict(model), dataclasses.asdict(imported)
+    diffs = [
+        f"model.{name}: {init_from} {theirs[name]!r}, {model.name} {ours[name]!r}"
+        for name in ours
+        if name not in _STAGE_FIELDS and ours[name] != theirs[name]
+    ]
+    if diffs:
+        raise ValueError(
+            f"{recipe}: init_from={init_from} holds another model than {model.name}; differing "
+            "fields:\n  - " + "\n  - ".join(diffs) + f"\nimport a model of {model.name}'s shape, "
+            "or mid-train this one with the recipe of its own shape"
+        )
+
+
 def _tiny_optimizer(
     lr: float, min_lr: float, warmup_steps: int, decay_steps: int
 ) -> run.Config[OptimizerConfig]:
@@ -283,12 +351,13 @@ def tiny_pretrain(
 
 def tiny_midtrain(
     *,
-    load_dir: str | Path,
+    load_dir: str | Path | None = None,
+    init_from: str | Path | None = None,
     data_dir: str | Path = "outputs/main/corpus",
     out_dir: str | Path | None = None,
     preset: str = "ce",
-    vocab_size: int = 8192,
-    eod_id: int = 0,
+    vocab_size: int | None = None,
+    eod_id: int | None = None,
     tensor: int = 1,
     pipeline: int = 1,
     train_steps: int = 50,
@@ -302,25 +371,63 @@ def tiny_midtrain(
     seed: int = 1234,
 ) -> run.Config[TrainConfig]:
     """Mid-training of a tiny pre-trained model, the paper's recipe scaled down: 4x longer
-    sequences at the same tokens per step, RoPE base 1e6, the weights of `load_dir` (not its
-    optimizer state or data position) and the learning rate decayed from lr to min_lr."""
+    sequences at the same tokens per step, RoPE base 1e6, the learning rate decayed from lr to
+    min_lr, starting from the weights of `load_dir` (not its optimizer state or data position)
+    or of `init_from`.
+
+    Args:
+        load_dir: the pre-training run's checkpoint root (tiny_pretrain's checkpoints/).
+        init_from: instead, a checkpoint root made by tools/import_hf.py (or any run's): its
+            weights at step 0 (CheckpointConfig.init_from), and its model (the `model` table of
+            its config.json) with this stage's seq_length and RoPE base.
+        vocab_size: the corpus tokenizer's vocabulary size (default 8192; with init_from the
+            import's, which a given value must equal).
+        eod_id: the corpus tokenizer's end-of-document id (default 0; with init_from the
+            import's).
+        data_dir, out_dir, preset, tensor, pipeline, train_steps, seq_length, global_batch_size,
+            micro_batch_size, lr, min_lr, eval_interval, eval_iters, seed: as in tiny_pretrain
+            (out_dir defaults to outputs/tiny-<preset>-midtrain).
+
+    Raises:
+        ValueError: both or neither of load_dir and init_from; init_from without a model table
+            in its config.json, or with a vocabulary other than vocab_size.
+        ConfigError: init_from is no checkpoint root (naming what to pass instead).
+    """
     _check_preset(preset)
+    _start_of_midtrain("tiny_midtrain", load_dir, init_from, required=True)
     out = _abs(out_dir if out_dir is not None else f"outputs/tiny-{preset}-midtrain")
+    stage = {"seq_length": seq_length, "rope_base": MIDTRAIN_ROPE_BASE}
+    if init_from is None:
+        model = model_config("tiny", vocab_size=vocab_size or 8192, **stage)
+        start = {"load_dir": _abs(load_dir), "load_optimizer": False}
+    else:
+        init_from = _abs(init_from)
+        imported = _imported_model("tiny_midtrain", init_from)
+        if imported is None:
+            raise ValueError(
+                f"tiny_midtrain: init_from={init_from} has no config.json with a model table to "
+                "take the model from; import the model with tools/import_hf.py, or mid-train "
+                "with load_dir"
+            )
+        if vocab_size is not None and vocab_size != imported.vocab_size:
+            raise ValueError(
+                f"tiny_midtrain: the data's vocabulary (vocab_size={vocab_size}) differs from "
+                f"the model of init_from={init_from} (model.vocab_size={imported.vocab_size}): "
+                f"tokenize the data with the import's tokenizer ({init_from}/tokenizer, "
+                "tools/preprocess_data.py --tokenizer)"
+            )
+        model = run.Config(ModelConfig, **(dataclasses.asdict(imported) | stage))
+        start = {"init_from": init_from}
+        if eod_id is None:
+            eod_id = (recorded_run_config(init_from) or {}).get("data", {}).get("eod_id")
     return run.Config(
         TrainConfig,
-        model=model_config(
-            "tiny", vocab_size=vocab_size, seq_length=seq_length, rope_base=MIDTRAIN_ROPE_BASE
-        ),
+        model=model,
         shaping=shaping_config(preset),
         parallel=run.Config(ParallelConfig, tensor=tensor, pipeline=pipeline),
         optimizer=_tiny_optimizer(lr, min_lr, warmup_steps=0, decay_steps=train_steps),
-        data=_tiny_data(data_dir, eod_id),
-        checkpoint=run.Config(
-            CheckpointConfig,
-            save_dir=f"{out}/checkpoints",
-            load_dir=_abs(load_dir),
-            load_optimizer=False,
-        ),
+        data=_tiny_data(data_dir, eod_id if eod_id is not None else 0),
+        checkpoint=run.Config(CheckpointConfig, save_dir=f"{out}/checkpoints", **start),
         logging=run.Config(LoggingConfig, log_dir=f"{out}/logs", tensorboard=False),
         train_steps=train_steps,
         global_batch_size=global_batch_size,
@@ -471,6 +578,7 @@ def paper_midtrain(
     *,
     preset: str = "ce",
     load_dir: str | None = None,
+    init_from: str | None = None,
     data_paths: Sequence[str] = ("/data/midtrain_text_document",),
     data_weights: Sequence[float] | None = None,
     eod_id: int = 151_643,
@@ -498,10 +606,17 @@ def paper_midtrain(
     reads a different dataset from its start. An interrupted or requeued mid-training job resumes
     from its own checkpoints (<out_dir>/checkpoints) as soon as it has one, whole.
 
+    `init_from` starts it from a Hugging Face base instead: a checkpoint root made by
+    tools/import_hf.py (e.g. Qwen3-4B-Base for dense_4b), weights only from step 0
+    (CheckpointConfig.init_from). Where that root is readable here, its model (config.json) is
+    checked against `model`; as the nodes see it only, the trainer checks it when it loads.
+
     Args:
         model: one of PAPER_MODELS.
         preset: the loss preset.
-        load_dir: the pre-training checkpoint root (default /results/<model>-<preset>/checkpoints).
+        load_dir: the pre-training checkpoint root (default, unless init_from is given:
+            /results/<model>-<preset>/checkpoints).
+        init_from: instead of load_dir, an imported checkpoint root as the job sees it.
         data_paths, data_weights, eod_id: the mid-training data, as in paper_pretrain.
         out_dir: checkpoints/ and logs/ (default /results/<model>-<preset>-midtrain).
         tensor, pipeline, expert, micro_batch_size, context: override PAPER_LAYOUTS (its
@@ -512,14 +627,28 @@ def paper_midtrain(
         recompute: activation recomputation (full by default: 16K-token sequences).
         save_interval, eval_interval, eval_iters, use_transformer_engine, seed: as in
             paper_pretrain.
+
+    Raises:
+        ValueError: both load_dir and init_from, or an init_from readable here that holds
+            another model (every differing field named).
     """
     layout = _check_paper_model(model, "midtrain")
     _check_preset(preset)
+    _start_of_midtrain("paper_midtrain", load_dir, init_from, required=False)
     out = out_dir or f"/results/{model}-{preset}-midtrain"
     steps = train_steps or _steps(train_tokens)
+    stage = {"seq_length": MIDTRAIN_SEQ_LENGTH, "rope_base": MIDTRAIN_ROPE_BASE}
+    if init_from is not None:
+        _check_imported_model("paper_midtrain", init_from, model_preset(model, **stage))
+        start: dict[str, object] = {"init_from": init_from}
+    else:
+        start = {
+            "load_dir": load_dir or f"/results/{model}-{preset}/checkpoints",
+            "load_optimizer": False,
+        }
     return run.Config(
         TrainConfig,
-        model=model_config(model, seq_length=MIDTRAIN_SEQ_LENGTH, rope_base=MIDTRAIN_ROPE_BASE),
+        model=model_config(model, **stage),
         shaping=shaping_config(preset),
         parallel=_paper_parallel(layout, tensor, pipeline, expert, context),
         # The whole stage decays 3e-4 -> 3e-5.
@@ -529,8 +658,7 @@ def paper_midtrain(
             CheckpointConfig,
             save_dir=f"{out}/checkpoints",
             save_interval=save_interval,
-            load_dir=load_dir or f"/results/{model}-{preset}/checkpoints",
-            load_optimizer=False,
+            **start,
         ),
         logging=run.Config(LoggingConfig, log_dir=f"{out}/logs", log_interval=1),
         train_steps=steps,

@@ -116,6 +116,18 @@ COMMANDS: dict[str, Command] = {
     ),
     f"{RC} compare --data-dir data/default --out outputs/compare --presets ce precision "
     "--steps 5": Command(expect=("report:",), files=("outputs/compare/report.md",)),
+    ".venv/bin/python tools/import_hf.py --hf hf/tiny --out ckpt/tiny --tp 2": Command(
+        expect=("imported to",), files=("ckpt/tiny/latest", "ckpt/tiny/tokenizer/tokenizer.json")
+    ),
+    f"{RC} midtrain --recipe tiny --init-from ckpt/tiny --preset precision --data-dir "
+    "data/default --out runs/tiny-cpt --nproc 2 tp=2 steps=4": Command(
+        expect=("(weights only, from step 0)", "SUCCEEDED"),
+        files=("runs/tiny-cpt/checkpoints/iter_0000004",),
+    ),
+    ".venv/bin/python tools/export_hf.py --checkpoint runs/tiny-cpt/checkpoints --out "
+    "hf/tiny-cpt --tokenizer ckpt/tiny/tokenizer": Command(
+        expect=("exported to",), files=("hf/tiny-cpt/config.json", "hf/tiny-cpt/tokenizer.json")
+    ),
 }
 
 
@@ -213,6 +225,30 @@ def test_readme_commands_work_as_written(tmp_path):
     assert again.returncode == 1 and "--overwrite" in again.stderr
     assert "Traceback" not in again.stderr
     _check_comparison(work / "outputs" / "compare", steps=5)
+    _check_continued_import(work)
+
+
+def _check_continued_import(work: Path) -> None:
+    """The walk-through from a Hugging Face base: hf/tiny imported, four `precision` steps from
+    its weights at step 0, exported with the mid-training sequence length and RoPE base, and
+    other weights than the base's."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    records = [json.loads(x) for x in (work / "runs/tiny-cpt/logs/metrics.jsonl").open()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(abs(r["loss"] - r["ce_loss"]) > 1e-4 for r in records)  # the shaped loss
+    base, cpt = (AutoConfig.from_pretrained(work / d) for d in ("hf/tiny", "hf/tiny-cpt"))
+    assert cpt.architectures == ["Qwen3ForCausalLM"] and cpt.max_position_embeddings == 512
+    assert (base.rope_parameters["rope_theta"], cpt.rope_parameters["rope_theta"]) == (1e4, 1e6)
+    fields = ("vocab_size", "hidden_size", "num_hidden_layers", "tie_word_embeddings")
+    assert [getattr(cpt, k) for k in fields] == [getattr(base, k) for k in fields]
+    before, after = (
+        {k: v for f in sorted((work / d).glob("*.safetensors")) for k, v in load_file(f).items()}
+        for d in ("hf/tiny", "hf/tiny-cpt")
+    )
+    assert before.keys() == after.keys()
+    assert not before["model.embed_tokens.weight"].equal(after["model.embed_tokens.weight"])
 
 
 def _check_comparison(out: Path, steps: int) -> None:

@@ -9,6 +9,7 @@ export with transformers) and a two-preset experiment with its report.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -42,6 +43,7 @@ from run_configs.recipes import (
     PAPER_MODELS,
     PRESETS,
     get_recipe,
+    paper_midtrain,
     paper_pretrain,
     pretrain_task,
     tiny_midtrain,
@@ -221,6 +223,85 @@ def test_tiny_recipes_schedule_and_midtrain(tmp_path):
     assert mid.global_batch_size * mid.model.seq_length == cfg.global_batch_size * 128
     assert (mid.optimizer.warmup_steps, mid.optimizer.wsd_decay_steps) == (0, 30)
     assert mid.checkpoint.load_dir == str(tmp_path / "ckpt") and not mid.checkpoint.load_optimizer
+
+
+def _imported_root(root: Path, model: dict, eod_id: int = 7) -> Path:
+    """The files of a checkpoint root as tools/import_hf.py lays them out (`latest`, the step
+    folder's metadata.json, config.json), without weights: what a recipe reads of an import."""
+    (root / "iter_0000000").mkdir(parents=True)
+    (root / "iter_0000000" / "metadata.json").write_text("{}")
+    (root / "latest").write_text("0\n")
+    config = {"model": model, "parallel": {"tensor": 1}, "data": {"eod_id": eod_id}}
+    (root / "config.json").write_text(json.dumps(config))
+    return root
+
+
+def _as_imported(preset: str, **fields) -> dict:
+    """A preset's model as an import records it (the checkpoint's name, the HF model's maximum
+    position and RoPE base)."""
+    from megatron_ext.models import model_preset
+
+    model = dataclasses.asdict(model_preset(preset))
+    return model | {"name": "qwen3-base", "seq_length": 32_768, "rope_base": 1e6} | fields
+
+
+def test_tiny_midtrain_starts_from_an_import_with_its_model(tmp_path):
+    imported = _as_imported("tiny", vocab_size=301, hidden_size=48, head_dim=24, rope_base=1e4)
+    root = _imported_root(tmp_path / "ckpt", imported)
+    mid = fdl.build(tiny_midtrain(init_from=root, data_dir=tmp_path, seq_length=256))
+    # The import's model at this stage's sequence length and RoPE base, its end-of-document id.
+    stage = {"seq_length": 256, "rope_base": 1e6}
+    assert dataclasses.asdict(mid.model) == imported | stage
+    assert mid.data.eod_id == 7
+    assert mid.checkpoint.init_from == str(root) and mid.checkpoint.load_dir is None
+    assert mid.checkpoint.save_dir == str(REPO / "outputs/tiny-ce-midtrain/checkpoints")
+    assert (mid.optimizer.warmup_steps, mid.optimizer.wsd_decay_steps) == (0, 50)
+    # The corpus's vocabulary (the launcher passes its manifest's) must be the import's.
+    assert fdl.build(tiny_midtrain(init_from=root, data_dir=tmp_path, vocab_size=301)).model
+    with pytest.raises(
+        ValueError,
+        match=r"vocab_size=8192\) differs from the model of init_from"
+        r".*model.vocab_size=301\): tokenize the data with the import's tokenizer",
+    ):
+        tiny_midtrain(init_from=root, data_dir=tmp_path, vocab_size=8192)  # fmt: skip
+    with pytest.raises(ValueError, match="both name where mid-training starts"):
+        tiny_midtrain(init_from=root, load_dir=root, data_dir=tmp_path)
+    with pytest.raises(ValueError, match="tiny_midtrain needs load_dir .* or init_from"):
+        tiny_midtrain(data_dir=tmp_path)
+    (root / "config.json").unlink()
+    with pytest.raises(ValueError, match="has no config.json with a model table"):
+        tiny_midtrain(init_from=root, data_dir=tmp_path)
+    hf = tmp_path / "hf"  # a Hugging Face directory, not imported yet
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    (hf / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match="it is a Hugging Face model directory: import it"):
+        tiny_midtrain(init_from=hf, data_dir=tmp_path)
+
+
+def test_paper_midtrain_from_an_import_checks_its_model(tmp_path):
+    """dense_4b is Qwen3-4B's shape: its import passes; another model is refused with every
+    differing field; a path only the job's nodes see is left to the trainer's check on load."""
+    root = _imported_root(tmp_path / "qwen3-4b", _as_imported("dense_4b"))
+    cfg = fdl.build(paper_midtrain("dense_4b", preset="precision", init_from=str(root)))
+    assert cfg.checkpoint.init_from == str(root) and cfg.checkpoint.load_dir is None
+    assert (cfg.model.name, cfg.model.seq_length, cfg.model.rope_base) == ("dense_4b", 16_384, 1e6)
+    assert cfg.checkpoint.save_dir == "/results/dense_4b-precision-midtrain/checkpoints"
+    check_world(cfg, 128, check_environment=False)
+
+    other = _imported_root(tmp_path / "qwen3-1.7b", _as_imported("dense_4b", num_layers=28,
+                                                                 hidden_size=2048))  # fmt: skip
+    message = (
+        f"paper_midtrain: init_from={other} holds another model than dense_4b; differing "
+        f"fields:\n  - model.hidden_size: {other} 2048, dense_4b 2560\n  - model.num_layers: "
+        f"{other} 28, dense_4b 36\nimport a model of dense_4b's shape"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        paper_midtrain("dense_4b", init_from=str(other))
+    on_nodes = fdl.build(paper_midtrain("dense_1b", init_from="/results/qwen3-base"))
+    assert on_nodes.checkpoint.init_from == "/results/qwen3-base"
+    with pytest.raises(ValueError, match="both name where mid-training starts"):
+        paper_midtrain("dense_4b", init_from=str(root), load_dir="/results/pre")
 
 
 def test_library_never_imports_run_configs():
@@ -472,6 +553,40 @@ def test_cli_dryrun_prints_the_resolved_run(shared_dir, capsys):
     assert "2-node job" in err and "(--job-dir on the command line)" in err
 
 
+def test_slurm_dryrun_of_midtrain_from_an_import(shared_dir, capsys):
+    """paper_midtrain from a Hugging Face base through the launcher and the Slurm executor, as
+    the other recipes: the sbatch script of the recipe's layout, and the serialized configuration
+    the ranks build starts from the import (weights only), not from a pre-training run."""
+    from nemo_run.core.serialization.zlib_json import ZlibJSONSerializer
+
+    from run_configs.cli import main
+
+    argv = ["midtrain", "--recipe", "dense_4b", "--preset", "precision", "--init-from",
+            "/results/qwen3-4b-base", "--executor", "slurm", "--data", "/data/mid_text_document",
+            "--account", "acct", "--packager", "none", "--job-dir", str(shared_dir / "jobs"),
+            "--dryrun", "steps=100"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "TP=2 x PP=1 x CP=2 x DP=32 = 128 ranks (EP=1)" in out
+    assert "#SBATCH --nodes=16" in out and "#SBATCH --gpus-per-node=8" in out
+    resolved = json.loads(out.split("resolved configuration:\n", 1)[1].split("\n}\n")[0] + "}")
+    assert resolved["checkpoint"]["init_from"] == "/results/qwen3-4b-base"
+    assert resolved["checkpoint"]["load_dir"] is None
+    experiment = Path(re.search(r"nothing was launched \(job files in (\S+)\)", out)[1])
+    name = "midtrain-dense_4b-precision"
+    serialized = (experiment / name / "configs" / f"{name}_fn_or_script").read_text()
+    built = fdl.build(ZlibJSONSerializer().deserialize(serialized).config)
+    assert built.checkpoint.init_from == "/results/qwen3-4b-base"
+    assert built.checkpoint.load_dir is None and built.checkpoint.load_optimizer
+    assert (built.model.name, built.model.seq_length, built.train_steps) == (
+        "dense_4b",
+        16_384,
+        100,
+    )
+    assert built.shaping == RewardShapingConfig.preset("precision")
+    assert built.optimizer.wsd_decay_steps == 100
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -492,8 +607,25 @@ def test_cli_dryrun_prints_the_resolved_run(shared_dir, capsys):
             ["compare", "--out", "{tmp}/cmp"],
             "--out {tmp}/cmp holds an earlier comparison (ce, report.md); pass --overwrite",
         ),
+        (
+            ["midtrain", "--recipe", "tiny", "--load", "{tmp}/runs/tiny", "--init-from", "x"],
+            "--load {tmp}/runs/tiny and --init-from x both name where mid-training starts",
+        ),
+        (
+            ["midtrain", "--recipe", "tiny", "--preset", "ce", "--init-from", "{tmp}/hf"],
+            "it is a Hugging Face model directory: import it first with "
+            + "`python tools/import_hf.py --hf {tmp}/hf --out CKPT`",
+        ),
     ],
-    ids=["paper-needs-data", "load-typo", "tiny-midtrain-needs-load", "pretrain-load", "compare"],
+    ids=[
+        "paper-needs-data",
+        "load-typo",
+        "tiny-midtrain-needs-load",
+        "pretrain-load",
+        "compare",
+        "load-and-init-from",
+        "init-from-hf-dir",
+    ],
 )
 def test_launcher_refuses_before_importing_nemo_run(tmp_path, argv, message):
     """Each mistake is one `error:` line, exit status 2, before NeMo-Run or torch is imported
@@ -502,6 +634,9 @@ def test_launcher_refuses_before_importing_nemo_run(tmp_path, argv, message):
     (tmp_path / "runs" / "tiny" / "latest").write_text("3\n")
     (tmp_path / "cmp" / "ce").mkdir(parents=True)
     (tmp_path / "cmp" / "report.md").write_text("old")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"")
     argv = [a.format(tmp=tmp_path) for a in argv]
     out = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "run_configs", *argv],
@@ -535,6 +670,18 @@ def test_midtrain_takes_the_preset_of_the_checkpoint_it_continues(tmp_path, monk
     assert cli._continued_preset(args) == "precision"
     with pytest.raises(ValueError, match="midtrain needs --preset"):
         cli._continued_preset(argparse.Namespace(load="/results/elsewhere/checkpoints"))
+    # An import from Hugging Face records no loss: --preset is needed, and said so.
+    monkeypatch.setattr(
+        "megatron_ext.export.from_training.training_run_config",
+        lambda path: {"model": {}, "parallel": {}, "data": {"eod_id": 0}},
+    )
+    args = argparse.Namespace(load=None, init_from=str(tmp_path / "ckpt"))
+    with pytest.raises(
+        ValueError,
+        match=r"midtrain needs --preset: .*ckpt \(step 7\) records no"
+        r" loss, as a model imported from Hugging Face does; choose one of ce, ",
+    ):
+        cli._continued_preset(args)  # fmt: skip
 
 
 def test_slurm_launch_warns_about_uncommitted_changes(tmp_path, monkeypatch, capsys):

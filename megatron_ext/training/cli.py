@@ -236,12 +236,9 @@ def _init_from_model(values: dict[str, Any]) -> None:
     model = values.get("model", {})
     if not root or not isinstance(model, dict) or "preset" in model:
         return
-    from megatron_ext.training.start import RUN_CONFIG, check_init_from
+    from megatron_ext.training.start import RUN_CONFIG, check_init_from, recorded_run_config
 
-    try:
-        saved = json.loads((Path(root) / RUN_CONFIG).read_text()).get("model")
-    except (OSError, ValueError, AttributeError):
-        saved = None
+    saved = (recorded_run_config(root) or {}).get("model")
     if isinstance(saved, dict):
         values["model"] = {**saved, **model}
     elif "model" not in values:

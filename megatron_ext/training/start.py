@@ -55,6 +55,7 @@ __all__ = [
     "apply_start_plan",
     "check_init_from",
     "plan_start",
+    "recorded_run_config",
 ]
 
 LOG_FILES = ("metrics.jsonl", "samples.jsonl")
@@ -148,6 +149,17 @@ def check_init_from(root: str) -> int:
             f"missing or incomplete (folders: {step_folders(path) or 'none'})"
         )
     return step
+
+
+def recorded_run_config(root: str | os.PathLike[str]) -> dict | None:
+    """The run configuration recorded beside a checkpoint root's checkpoints (its config.json,
+    as tools/import_hf.py and every training run write it: the `model` table, ...), or None when
+    there is none or it is unreadable."""
+    try:
+        recorded = json.loads((Path(root) / RUN_CONFIG).read_text())
+    except (OSError, ValueError):
+        return None
+    return recorded if isinstance(recorded, dict) else None
 
 
 def _load_plan(config: TrainConfig) -> StartPlan:

@@ -743,6 +743,38 @@ def pretrain(config: TrainConfig) -> TrainResult:
         return trainer.run()
 
 
+def _release_model(model: torch.nn.Module | list[torch.nn.Module]) -> None:
+    """Let the model, its optimizer and the process groups they hold be freed once the run is
+    over, in a process that goes on (test workers, notebooks, repeated runs). Two references
+    outlive the run otherwise: megatron DDP's gradient hooks sit on autograd nodes that hold
+    them from C++ (a cycle the garbage collector cannot see), and RotaryEmbedding.forward's
+    lru_cache holds the embedding. Each gloo group kept alive keeps three threads polling."""
+    import gc
+    from collections import OrderedDict
+    from types import CellType, FunctionType
+
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    for chunk in model if isinstance(model, list) else [model]:
+        grad_accs = getattr(chunk, "grad_accs", None)
+        if isinstance(grad_accs, list):
+            grad_accs.clear()
+        # The hooks themselves: megatron drops their handles, so find them through their
+        # closures (cell -> closure tuple -> function) and empty the hook tables holding them.
+        for cell in [r for r in gc.get_referrers(chunk) if isinstance(r, CellType)]:
+            for closure in gc.get_referrers(cell):
+                for hook in gc.get_referrers(closure):
+                    if isinstance(hook, FunctionType) and "_make_backward_post_hook" in (
+                        hook.__qualname__
+                    ):
+                        for table in gc.get_referrers(hook):
+                            if isinstance(table, OrderedDict):
+                                table.clear()
+    cache_clear = getattr(RotaryEmbedding.forward, "cache_clear", None)
+    if cache_clear is not None:
+        cache_clear()
+
+
 @contextlib.contextmanager
 def trainer_session(config: TrainConfig) -> Iterator[Trainer]:
     """A Trainer for `config` (validated first), with the process group and megatron's parallel
@@ -754,12 +786,15 @@ def trainer_session(config: TrainConfig) -> Iterator[Trainer]:
     # SIGTERM is noted from here on, so that one arriving while the run starts up is honoured at
     # its first step too (only with somewhere to save to).
     sigterm = _SigtermFlag(bool(config.checkpoint.save_dir) and config.checkpoint.save_on_sigterm)
+    trainer = None
     try:
         with sigterm:
             trainer = Trainer(config)
             trainer._sigterm = sigterm
             yield trainer
     finally:
+        if trainer is not None:
+            _release_model(trainer.model)
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
         if owns_group:

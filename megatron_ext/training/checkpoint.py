@@ -2,10 +2,11 @@
 
 A checkpoint holds the model and optimizer as sharded tensors (so it can be loaded at another
 TP/PP/VP/EP/DP layout), the learning-rate scheduler, the step and the data position (consumed
-samples) as common state, and the RNG states of every rank as a sharded object. The model is one sharded
-state dict per model chunk, under `model` (one chunk) or `model0`, `model1`, ... (a virtual
-pipeline), as megatron's own training loop saves them; the sharded keys inside name the layers
-by their global numbers, so the chunks of any layout address the same tensors. Layout on disk:
+samples) as common state, and the RNG states of every rank as a sharded object. The model is
+one sharded state dict per model chunk, under `model` (one chunk) or `model0`, `model1`, ... (a
+virtual pipeline), as megatron's own training loop saves them; the sharded keys inside name the
+layers by their global numbers, so the chunks of any layout address the same tensors. Layout on
+disk:
 `<dir>/iter_0000042/` plus a `<dir>/latest` text file holding the last complete step.
 
 Saves are atomic: every rank writes into `<dir>/iter_0000042.tmp/`, which rank 0 renames to its
@@ -492,9 +493,9 @@ def load_checkpoint(
     `load_optimizer`, into the optimizer, scheduler and RNGs. Returns the saved progress.
 
     The model and optimizer may be loaded at another parallel layout than they were saved with,
-    virtual pipeline included (megatron reshards; Adam's state too, also with the distributed optimizer, except from a
-    checkpoint in the old dp_reshardable format, which only changes the data-parallel size); RNG
-    states are restored only when the layout is the same.
+    virtual pipeline included (megatron reshards; Adam's state too, also with the distributed
+    optimizer, except from a checkpoint in the old dp_reshardable format, which only changes the
+    data-parallel size); RNG states are restored only when the layout is the same.
 
     Args:
         model: the model, or the list of its chunks.

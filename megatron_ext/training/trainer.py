@@ -290,8 +290,9 @@ class Trainer:
     """The pieces of a run on this rank: parallel state, model, optimizer, scheduler, data.
 
     `model` is the list of this rank's model chunks (each in megatron DDP): one per pipeline
-    stage, or parallel.virtual_pipeline of them. Build it inside `trainer_session(config)`; `run()` trains, `train_step()` and `evaluate()`
-    are the single steps (tools/bench_train.py times them).
+    stage, or parallel.virtual_pipeline of them. Build it inside `trainer_session(config)`;
+    `run()` trains, `train_step()` and `evaluate()` are the single steps (tools/bench_train.py
+    times them).
     """
 
     def __init__(self, config: TrainConfig) -> None:

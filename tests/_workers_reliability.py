@@ -27,7 +27,7 @@ def train_with_faults(config, faults: list[dict[str, Any]]) -> dict[str, Any]:
 
     out: dict[str, Any] = {"checksums": {}, "error": None}
     with trainer_session(config) as trainer:
-        inner = unwrap_model(trainer.model)
+        inner = unwrap_model(trainer.model[0])  # the one model chunk (no virtual pipeline here)
         rank = dist.get_rank()
         mine = [f for f in faults if f["rank"] == rank]
         original = trainer.train_step

@@ -27,8 +27,10 @@ def train_and_report_buckets(config) -> dict[str, Any]:
 
     with trainer_session(config) as trainer:
         result = trainer.run()
-        buckets = len(trainer.model.bucket_groups)
-        weights = torch.cat([p.detach().float().flatten() for p in trainer.model.parameters()])
+        buckets = sum(len(chunk.bucket_groups) for chunk in trainer.model)
+        weights = torch.cat(
+            [p.detach().float().flatten() for c in trainer.model for p in c.parameters()]
+        )
     return {"records": result.records, "bucket_groups": buckets, "weights": weights}
 
 

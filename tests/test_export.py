@@ -665,8 +665,13 @@ def synthetic_data(tmp_path_factory) -> str:
         ({"preset": "tiny", "tie_embeddings": True}, {"tensor": 2, "pipeline": 2}),
         ({"preset": "tiny_moe"}, {"tensor": 2, "pipeline": 2}),
         ({"preset": "tiny_moe"}, {"tensor": 1, "pipeline": 2, "expert": 2}),
+        # 4 layers, one per model chunk: stage 0 holds layers 0 and 2, stage 1 layers 1 and 3.
+        (
+            {"preset": "tiny", "num_layers": 4, "tie_embeddings": True},
+            {"pipeline": 2, "virtual_pipeline": 2},
+        ),
     ],
-    ids=["dense-tied-tp2pp2", "moe-tp2pp2", "moe-pp2ep2"],
+    ids=["dense-tied-tp2pp2", "moe-tp2pp2", "moe-pp2ep2", "dense-tied-pp2vp2"],
 )
 def test_trained_checkpoint_export(pool4, synthetic_data, input_ids, tmp_path, model, parallel):
     run_dir = tmp_path / "run"

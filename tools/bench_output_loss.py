@@ -268,7 +268,7 @@ def train_throughput(args) -> list[str]:
         )
         times: dict[tuple[str, bool], list[float]] = {v: [] for v in variants}
         with trainer_session(config) as trainer:
-            inner = unwrap_model(trainer.model)
+            inner = unwrap_model(trainer.model[-1])  # the chunk with the loss
             consumed = 0
             for r in range(rounds):
                 for preset, fused in variants:

@@ -108,7 +108,7 @@ def main() -> int:
             while not Path(data + ".idx").exists():
                 time.sleep(0.2)
         with trainer_session(config) as trainer:
-            inner = unwrap_model(trainer.model)
+            inner = unwrap_model(trainer.model[-1])  # the chunk with the loss
             times: dict[str, list[float]] = {n: [] for n in names}
             consumed = 0
             for r in range(rounds):

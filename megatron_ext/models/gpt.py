@@ -41,6 +41,7 @@ def to_transformer_config(
     *,
     tensor_parallel: int = 1,
     pipeline_parallel: int = 1,
+    virtual_pipeline: int = 1,
     expert_parallel: int = 1,
     context_parallel: int = 1,
     sequence_parallel: bool | None = None,
@@ -54,6 +55,8 @@ def to_transformer_config(
         model: the model shape.
         tensor_parallel: TP size.
         pipeline_parallel: PP size.
+        virtual_pipeline: model chunks per pipeline stage (megatron's virtual pipeline size;
+            1: none). Each chunk is built with its vp_stage (build_model).
         expert_parallel: EP size (MoE only).
         context_parallel: CP size (megatron-core implements it in Transformer Engine's attention
             only: use_transformer_engine must be True when it is above 1).
@@ -125,6 +128,14 @@ def to_transformer_config(
         init_method_std=model.init_std,
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
+        virtual_pipeline_model_parallel_size=virtual_pipeline if virtual_pipeline > 1 else None,
+        # The interleaved schedule's point-to-point transfers overlapped with computation, one
+        # request per direction (megatron's training loop does the same). Not batched: with
+        # PP = 2 both neighbours are the same rank, and one batch sending it both an activation
+        # and a gradient of the same shape pairs them with its receives in posting order, which
+        # swaps them (gloo; megatron-training refuses batching below PP = 3 for this reason).
+        overlap_p2p_comm=virtual_pipeline > 1,
+        batch_p2p_comm=virtual_pipeline == 1,
         expert_model_parallel_size=expert_parallel,
         context_parallel_size=context_parallel,
         sequence_parallel=sequence_parallel,
@@ -257,7 +268,8 @@ def build_model(
     fused_output_loss: bool = False,
     vp_stage: int | None = None,
 ) -> ShapedLossGPTModel:
-    """This rank's pipeline stage of the model (parallel_state must be initialised)."""
+    """This rank's pipeline stage of the model, or with a virtual pipeline its model chunk
+    `vp_stage` (0-based; None without one). parallel_state must be initialised."""
     padded_vocab = model.padded_vocab_size(config.tensor_model_parallel_size)
     return ShapedLossGPTModel(
         config=config,

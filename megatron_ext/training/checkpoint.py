@@ -1,8 +1,12 @@
 """Save and resume through megatron-core dist_checkpointing.
 
 A checkpoint holds the model and optimizer as sharded tensors (so it can be loaded at another
-TP/PP/EP/DP layout), the learning-rate scheduler, the step and the data position (consumed
-samples) as common state, and the RNG states of every rank as a sharded object. Layout on disk:
+TP/PP/VP/EP/DP layout), the learning-rate scheduler, the step and the data position (consumed
+samples) as common state, and the RNG states of every rank as a sharded object. The model is
+one sharded state dict per model chunk, under `model` (one chunk) or `model0`, `model1`, ... (a
+virtual pipeline), as megatron's own training loop saves them; the sharded keys inside name the
+layers by their global numbers, so the chunks of any layout address the same tensors. Layout on
+disk:
 `<dir>/iter_0000042/` plus a `<dir>/latest` text file holding the last complete step.
 
 Saves are atomic: every rank writes into `<dir>/iter_0000042.tmp/`, which rank 0 renames to its
@@ -164,8 +168,19 @@ def _saved_optimizer_format(common: dict[str, Any]) -> str | None:
     return None
 
 
+def _chunks(model: torch.nn.Module | list[torch.nn.Module]) -> list[torch.nn.Module]:
+    """The model chunks: a list of them, or one model."""
+    return list(model) if isinstance(model, list | tuple) else [model]
+
+
+def _model_keys(num_chunks: int) -> list[str]:
+    """The state-dict keys of the model chunks, as megatron's training loop names them: `model`
+    for one chunk, `model0`, `model1`, ... for a virtual pipeline's."""
+    return ["model"] if num_chunks == 1 else [f"model{i}" for i in range(num_chunks)]
+
+
 def _sharded_state_dict(
-    model: torch.nn.Module,
+    model: torch.nn.Module | list[torch.nn.Module],
     optimizer: MegatronOptimizer | None,
     distributed_optimizer: bool,
     is_loading: bool,
@@ -173,11 +188,16 @@ def _sharded_state_dict(
     optim_format: str = DISTRIB_OPTIM_FORMAT,
 ) -> dict[str, Any]:
     metadata = _metadata(distributed_optimizer, optim_format)
-    # The bare model (not DDP / Float16Module): sharded keys as megatron's own checkpoints have.
-    state: dict[str, Any] = {"model": unwrap_model(model).sharded_state_dict(metadata=metadata)}
+    chunks = _chunks(model)
+    # The bare models (not DDP / Float16Module): sharded keys as megatron's own checkpoints have.
+    state: dict[str, Any] = {
+        key: unwrap_model(chunk).sharded_state_dict(metadata=metadata)
+        for key, chunk in zip(_model_keys(len(chunks)), chunks, strict=True)
+    }
     if optimizer is not None:
+        # (it finds every chunk's parameters among the model entries, as in megatron's loop)
         state["optimizer"] = optimizer.sharded_state_dict(
-            state["model"], is_loading=is_loading, metadata=metadata
+            dict(state), is_loading=is_loading, metadata=metadata
         )
     if rng is not None:
         state["rng"] = _rng_sharded_object(rng)
@@ -282,10 +302,12 @@ def _in_process_writer_queue() -> None:
         filesystem_async._results_queue = queue.Queue()
 
 
-def check_finite_weights(model: torch.nn.Module, what: str) -> None:
-    """Raise NonFiniteWeightsError on every rank when any rank holds a NaN or infinite weight."""
-    bad = torch.zeros(1, dtype=torch.float32, device=next(model.parameters()).device)
-    for param in model.parameters():
+def check_finite_weights(model: torch.nn.Module | list[torch.nn.Module], what: str) -> None:
+    """Raise NonFiniteWeightsError on every rank when any rank holds a NaN or infinite weight
+    (model: a model or the list of its chunks)."""
+    params = [p for chunk in _chunks(model) for p in chunk.parameters()]
+    bad = torch.zeros(1, dtype=torch.float32, device=params[0].device)
+    for param in params:
         if not bool(torch.isfinite(param.detach().sum())):
             bad.fill_(1.0)
             break
@@ -304,7 +326,7 @@ def save_checkpoint(
     *,
     step: int,
     consumed_samples: int,
-    model: torch.nn.Module,
+    model: torch.nn.Module | list[torch.nn.Module],
     optimizer: MegatronOptimizer,
     scheduler: OptimizerParamScheduler,
     distributed_optimizer: bool,
@@ -316,6 +338,8 @@ def save_checkpoint(
     calls it. Returns the checkpoint folder.
 
     Args:
+        model: the model, or the list of its chunks (a virtual pipeline: one sharded state dict
+            per chunk).
         keep_last: after publishing, delete all but the newest `keep_last` checkpoints (0 keeps
             them all).
         optimizer_format: the distributed optimizer's format (CheckpointConfig.optimizer_format);
@@ -448,7 +472,7 @@ def _check_same_architecture(common: dict, model_config: dict[str, Any], path: P
 def load_checkpoint(
     root: str | os.PathLike,
     *,
-    model: torch.nn.Module,
+    model: torch.nn.Module | list[torch.nn.Module],
     optimizer: MegatronOptimizer,
     scheduler: OptimizerParamScheduler,
     distributed_optimizer: bool,
@@ -459,12 +483,13 @@ def load_checkpoint(
     """Load the checkpoint of `step` (default: the latest) into the model, and, with
     `load_optimizer`, into the optimizer, scheduler and RNGs. Returns the saved progress.
 
-    The model and optimizer may be loaded at another parallel layout than they were saved with
-    (megatron reshards; Adam's state too, also with the distributed optimizer, except from a
-    checkpoint in the old dp_reshardable format, which only changes the data-parallel size); RNG
-    states are restored only when the layout is the same.
+    The model and optimizer may be loaded at another parallel layout than they were saved with,
+    virtual pipeline included (megatron reshards; Adam's state too, also with the distributed
+    optimizer, except from a checkpoint in the old dp_reshardable format, which only changes the
+    data-parallel size); RNG states are restored only when the layout is the same.
 
     Args:
+        model: the model, or the list of its chunks.
         model_config: the ModelConfig fields of the run (dataclasses.asdict); when given, a
             checkpoint of a model with other weight shapes is refused before anything is read.
 
@@ -519,7 +544,9 @@ def load_checkpoint(
         optim_format,
     )
     loaded = dist_checkpointing.load(request, str(path))
-    unwrap_model(model).load_state_dict(loaded["model"])
+    chunks = _chunks(model)
+    for key, chunk in zip(_model_keys(len(chunks)), chunks, strict=True):
+        unwrap_model(chunk).load_state_dict(loaded[key])
     if load_optimizer:
         # no_grad: with fp32 parameters the distributed optimizer's main params are views of the
         # model's leaf parameters, which megatron's loaders copy into in place.

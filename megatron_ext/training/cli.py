@@ -39,6 +39,7 @@ __all__ = ["config_from_args", "main", "parse_args"]
 _FLAGS: dict[str, tuple[str | None, str]] = {
     "tp": ("parallel", "tensor"),
     "pp": ("parallel", "pipeline"),
+    "vp": ("parallel", "virtual_pipeline"),
     "ep": ("parallel", "expert"),
     "train_steps": (None, "train_steps"),
     "global_batch_size": (None, "global_batch_size"),
@@ -81,6 +82,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-weights", nargs="+", type=float, help="blend weights of --data-path")
     p.add_argument("--tp", type=int, help="tensor-parallel size")
     p.add_argument("--pp", type=int, help="pipeline-parallel size")
+    p.add_argument(
+        "--vp",
+        type=int,
+        help="model chunks per pipeline stage (virtual pipeline, interleaved 1F1B; needs --pp 2+)",
+    )
     p.add_argument("--ep", type=int, help="expert-parallel size")
     p.add_argument("--distributed-optimizer", action="store_true", default=None)
     p.add_argument("--train-steps", type=int)

@@ -73,6 +73,11 @@ class ParallelConfig:
     """Tensor-parallel size (heads, kv groups, FFN and vocabulary are split)."""
     pipeline: int = 1
     """Pipeline-parallel size (layers are split into this many stages)."""
+    virtual_pipeline: int = 1
+    """Model chunks per pipeline stage (megatron's virtual pipeline, the interleaved 1F1B
+    schedule): each stage holds this many non-adjacent slices of num_layers / (pipeline *
+    virtual_pipeline) layers, which shrinks the pipeline bubble by this factor for as many more
+    point-to-point transfers; 1: one chunk per stage. Needs pipeline >= 2."""
     expert: int = 1
     """Expert-parallel size (MoE experts are split; carved out of the data-parallel ranks)."""
     sequence_parallel: bool | None = None
@@ -94,8 +99,15 @@ class ParallelConfig:
     data-parallel size)); without overlap_grad_reduce there is one bucket per dtype."""
 
     def __post_init__(self) -> None:
-        for name in ("tensor", "pipeline", "expert", "context"):
+        for name in ("tensor", "pipeline", "virtual_pipeline", "expert", "context"):
             _check_int("ParallelConfig", name, getattr(self, name), 1)
+        if self.virtual_pipeline > 1 and self.pipeline < 2:
+            raise ConfigError(
+                f"ParallelConfig.virtual_pipeline={self.virtual_pipeline} needs pipeline "
+                f"parallelism (pipeline >= 2), got pipeline={self.pipeline}: the model chunks of "
+                "a virtual pipeline interleave between pipeline stages; set parallel.pipeline to "
+                "2 or more, or virtual_pipeline=1"
+            )
         if self.ddp_bucket_size is not None:
             _check_int("ParallelConfig", "ddp_bucket_size", self.ddp_bucket_size, 1)
         if self.overlap_param_gather and not self.distributed_optimizer:
@@ -486,6 +498,16 @@ class TrainConfig:
             f"parallel.pipeline={pp} does not divide model.num_layers={m.num_layers}"
             f" (sizes that do: {_divisors(m.num_layers)})",
         )
+        vp = p.virtual_pipeline
+        if vp > 1 and m.num_layers % pp == 0:
+            need(
+                m.num_layers % (pp * vp) == 0,
+                f"parallel.pipeline * parallel.virtual_pipeline = {pp} * {vp} = {pp * vp} does "
+                f"not divide model.num_layers={m.num_layers} (every model chunk holds the same "
+                f"number of layers); choose a virtual_pipeline that divides "
+                f"{m.num_layers // pp} (the layers of one stage): "
+                f"{_divisors(m.num_layers // pp)}",
+            )
         need(
             self.sequence_length <= m.seq_length,
             f"seq_length={self.sequence_length} exceeds the model's maximum sequence length "
@@ -545,6 +567,26 @@ class TrainConfig:
                 f"{step}; use a multiple of {step}, e.g. "
                 + (f"{below} or {below + step}" if below else f"{step}"),
             )
+            if vp > 1 and self.global_batch_size % step == 0:
+                # megatron's interleaved schedule runs the micro-batches in groups of `pipeline`
+                # (microbatch_group_size_per_vp_stage), every group complete.
+                micro = self.global_batch_size // step
+                group = step * pp
+                need(
+                    micro % pp == 0,
+                    f"parallel.virtual_pipeline={vp} runs megatron's interleaved schedule, which "
+                    f"needs a number of micro-batches per data-parallel rank divisible by "
+                    f"parallel.pipeline={pp}, got {micro} (global_batch_size="
+                    f"{self.global_batch_size} / (micro_batch_size={self.micro_batch_size} * "
+                    f"data-parallel size {dp})); use a global_batch_size that is a multiple of "
+                    f"{group}, e.g. "
+                    + (
+                        f"{self.global_batch_size // group * group} or "
+                        if self.global_batch_size > group
+                        else ""
+                    )
+                    + f"{(self.global_batch_size // group + 1) * group}, or virtual_pipeline=1",
+                )
         decay = self.optimizer.decay_steps or self.train_steps
         need(
             self.optimizer.warmup_for(decay) < decay,

@@ -1,11 +1,14 @@
 """Pre-training with the reward-shaped loss, built from megatron-core parts.
 
-parallel_state (TP, PP, CP, EP, DP) -> ShapedLossGPTModel (local or TE spec) -> megatron DDP
-(gradient reduce and parameter all-gather optionally overlapped with the backward and forward
-passes, bucket by bucket) -> get_megatron_optimizer (AdamW, distributed optimizer optional) ->
-OptimizerParamScheduler (warmup-stable-decay) -> get_forward_backward_func over micro-batches of
+parallel_state (TP, PP, virtual PP, CP, EP, DP) -> ShapedLossGPTModel chunks (local or TE spec;
+one per pipeline stage, or parallel.virtual_pipeline of them with megatron's virtual pipeline),
+each in megatron DDP (gradient reduce and parameter all-gather optionally overlapped with the
+backward and forward passes, bucket by bucket) -> get_megatron_optimizer over the chunks (AdamW,
+distributed optimizer optional) -> OptimizerParamScheduler (warmup-stable-decay) ->
+get_forward_backward_func (1F1B, or the interleaved 1F1B with model chunks) over micro-batches of
 GPTDataset samples -> finalize_model_grads (grads divided by the global loss-token count, summed
-over the data- and context-parallel ranks) -> dist_checkpointing.
+over the data- and context-parallel ranks) -> dist_checkpointing (one sharded state dict per
+chunk).
 
 The same code runs with NCCL on GPUs and with gloo on CPU (megatron_ext.core.cpu_compat bridges
 megatron-core's CUDA-only calls when no GPU is used; TrainConfig.device chooses). Entry point:
@@ -286,8 +289,10 @@ def _forward_step(data_iterator, model: torch.nn.Module):
 class Trainer:
     """The pieces of a run on this rank: parallel state, model, optimizer, scheduler, data.
 
-    Build it inside `trainer_session(config)`; `run()` trains, `train_step()` and `evaluate()`
-    are the single steps (tools/bench_train.py times them).
+    `model` is the list of this rank's model chunks (each in megatron DDP): one per pipeline
+    stage, or parallel.virtual_pipeline of them. Build it inside `trainer_session(config)`;
+    `run()` trains, `train_step()` and `evaluate()` are the single steps (tools/bench_train.py
+    times them).
     """
 
     def __init__(self, config: TrainConfig) -> None:
@@ -301,9 +306,11 @@ class Trainer:
             if torch.cuda.is_available()
             else torch.device("cpu")
         )
+        vp = par.virtual_pipeline
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=par.tensor,
             pipeline_model_parallel_size=par.pipeline,
+            virtual_pipeline_model_parallel_size=vp if vp > 1 else None,
             context_parallel_size=par.context,
             expert_model_parallel_size=par.expert,
         )
@@ -319,6 +326,7 @@ class Trainer:
             cfg.model,
             tensor_parallel=par.tensor,
             pipeline_parallel=par.pipeline,
+            virtual_pipeline=vp,
             expert_parallel=par.expert,
             context_parallel=par.context,
             sequence_parallel=par.use_sequence_parallel,
@@ -326,22 +334,9 @@ class Trainer:
             use_transformer_engine=use_te,
             recompute=cfg.recompute,
         )
-        model: torch.nn.Module = build_model(
-            cfg.model,
-            self.tconfig,
-            cfg.shaping,
-            use_transformer_engine=use_te,
-            native_cross_entropy=cfg.native_cross_entropy,
-            fused_output_loss=cfg.fused_output_loss,
-        )
-        model.to(self.device)
-        model.check_finite_logits = False  # non-finite losses are handled per step, below
         # Bad labels and non-finite logits are counted on the device and read once per step, in
         # train_step's all-reduce: the loss itself never waits for the device.
         self.input_flags = torch.zeros(len(INPUT_FLAGS), dtype=torch.float32, device=self.device)
-        model.input_flags = self.input_flags
-        if cfg.bf16:
-            model = Float16Module(self.tconfig, model)
         # Overlap: each bucket's reduce starts in the backward pass once its gradients are
         # complete (the fused output loss adds the output weight's gradient to main_grad before
         # its hook fires, so its bucket waits for it); with overlap_param_gather the optimizer
@@ -353,7 +348,32 @@ class Trainer:
             bucket_size=par.ddp_bucket_size,
             use_distributed_optimizer=par.distributed_optimizer,
         )
-        self.model = DistributedDataParallel(self.tconfig, ddp_config, model)
+        # This rank's model chunks, in pipeline order: one, or parallel.virtual_pipeline of them
+        # (megatron's layout: chunk i of stage r holds the layers of virtual stage
+        # i * pipeline + r; the last chunk of the last stage has the output layer and the loss).
+        self.model: list[DistributedDataParallel] = []
+        for vp_stage in range(vp):
+            chunk: torch.nn.Module = build_model(
+                cfg.model,
+                self.tconfig,
+                cfg.shaping,
+                use_transformer_engine=use_te,
+                native_cross_entropy=cfg.native_cross_entropy,
+                fused_output_loss=cfg.fused_output_loss,
+                vp_stage=vp_stage if vp > 1 else None,
+            )
+            chunk.to(self.device)
+            chunk.check_finite_logits = False  # non-finite losses are handled per step, below
+            chunk.input_flags = self.input_flags
+            if cfg.bf16:
+                chunk = Float16Module(self.tconfig, chunk)
+            # As megatron's own loop: the chunks after the first keep one bucket each (their
+            # communication overlaps with the other chunks' computation anyway).
+            self.model.append(
+                DistributedDataParallel(
+                    self.tconfig, ddp_config, chunk, disable_bucketing=vp_stage > 0
+                )
+            )
 
         opt = cfg.optimizer
         self.optimizer = get_megatron_optimizer(
@@ -371,7 +391,7 @@ class Trainer:
                 use_distributed_optimizer=par.distributed_optimizer,
                 overlap_param_gather=par.overlap_param_gather,
             ),
-            [self.model],
+            self.model,
         )
         decay_steps = opt.decay_steps or cfg.train_steps
         self.scheduler = OptimizerParamScheduler(
@@ -393,14 +413,17 @@ class Trainer:
         )
         self.tconfig.grad_scale_func = self.optimizer.scale_loss
         self.tconfig.finalize_model_grads_func = finalize_model_grads
-        # As megatron's own loop sets them: the schedule holds the gradient reduce back
-        # (no_sync) until the last micro-batch, and with overlap every pipeline stage but the
-        # first launches its remaining reduces together after its last backward (grad_sync_func,
-        # megatron's align_grad_reduce). param_sync_func serves the interleaved schedule only,
-        # which this trainer does not use: the forward pre-hooks wait for the all-gathers.
-        self.tconfig.no_sync_func = self.model.no_sync
+        # As megatron's own loop sets them (a function per chunk, or the one chunk's): the
+        # schedule holds the gradient reduce back (no_sync) until the last micro-batch, and with
+        # overlap every pipeline stage but the first launches its remaining reduces together
+        # after its last backward (grad_sync_func, megatron's align_grad_reduce; with chunks,
+        # each chunk's after its last backward). No param_sync_func (megatron's
+        # align_param_gather, off): the forward pre-hooks of each chunk wait for its all-gathers.
+        no_sync = [chunk.no_sync for chunk in self.model]
+        self.tconfig.no_sync_func = no_sync if vp > 1 else no_sync[0]
         if par.overlap_grad_reduce:
-            self.tconfig.grad_sync_func = self.model.start_grad_sync
+            grad_sync = [chunk.start_grad_sync for chunk in self.model]
+            self.tconfig.grad_sync_func = grad_sync if vp > 1 else grad_sync[0]
         self.forward_backward = get_forward_backward_func()
         self._sigterm: _SigtermFlag | None = None
 
@@ -417,17 +440,23 @@ class Trainer:
 
     def _run_schedule(self, batches: list[MicroBatch], forward_only: bool) -> torch.Tensor:
         """Run the micro-batches; this rank's token sums (zeros unless it computes the loss)."""
+        # The interleaved schedule takes one iterator per chunk: each chunk's forward reads the
+        # micro-batches in order (the first chunk uses the tokens, the last one the labels).
+        data: Any = iter(batches)
+        if len(self.model) > 1:
+            data = [iter(batches) for _ in self.model]
         outputs = self.forward_backward(
             forward_step_func=_forward_step,
-            data_iterator=iter(batches),
-            model=[self.model],
+            data_iterator=data,
+            model=self.model,
             num_microbatches=len(batches),
             seq_length=self.config.sequence_length,
             micro_batch_size=self.config.micro_batch_size,
             forward_only=forward_only,
         )
         sums = torch.zeros(len(LOSS_SUM_FIELDS), dtype=torch.float64, device=self.device)
-        # The last stage's TP-rank-0 ranks hold one copy of the sums per DP rank.
+        # The last stage's TP-rank-0 ranks hold one copy of the sums per DP rank (from its last
+        # chunk, the one with the loss).
         owner = (
             parallel_state.is_pipeline_last_stage()
             and parallel_state.get_tensor_model_parallel_rank() == 0
@@ -437,7 +466,8 @@ class Trainer:
         return sums
 
     def _set_loss_stats(self, enabled: bool) -> None:
-        unwrap_model(self.model).compute_loss_stats = enabled
+        for chunk in self.model:
+            unwrap_model(chunk).compute_loss_stats = enabled
 
     def sync_params(self) -> None:
         """With overlap_param_gather, finish gathering the updated parameters now (the forward
@@ -445,12 +475,15 @@ class Trainer:
         and when the run ends, so that every rank's weights are the optimizer's. A no-op
         otherwise (the optimizer step gathers them)."""
         if self.config.parallel.overlap_param_gather:
-            self.model.start_param_sync(force_sync=True)
+            for chunk in self.model:
+                chunk.start_param_sync(force_sync=True)
 
     def _grads_finite(self) -> torch.Tensor:
         """Whether this rank's reduced gradient buffers are all finite (a sum is NaN or infinite
         when any element is), as a bool tensor on the device (no host synchronisation)."""
-        buffers = [*self.model.buffers, *self.model.expert_parallel_buffers]
+        buffers = [
+            buf for chunk in self.model for buf in (*chunk.buffers, *chunk.expert_parallel_buffers)
+        ]
         zero = torch.zeros((), dtype=torch.float32, device=self.device)
         return torch.isfinite(
             sum((buf.grad_data.sum(dtype=torch.float32) for buf in buffers), zero)
@@ -499,7 +532,8 @@ class Trainer:
         diagnostics: compute entropy, p(x) and top-k mass (else they are NaN in the sums).
         """
         self._set_loss_stats(diagnostics)
-        self.model.zero_grad_buffer()
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         self.input_flags.zero_()
         sums = self._run_schedule(batches, forward_only=False)
@@ -539,7 +573,8 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Metrics on the held-out samples (the same eval_iters global batches every time)."""
-        self.model.eval()
+        for chunk in self.model:
+            chunk.eval()
         self._set_loss_stats(True)
         total = torch.zeros(len(LOSS_SUM_FIELDS), dtype=torch.float64)
         with torch.no_grad():
@@ -550,7 +585,8 @@ class Trainer:
                 sums = self._run_schedule(batches, forward_only=True)
                 dist.all_reduce(sums)
                 total += sums.cpu()
-        self.model.train()
+        for chunk in self.model:
+            chunk.train()
         return sums_to_metrics(total, prefix="val_")
 
     # -- the run ----------------------------------------------------------------------------
@@ -636,7 +672,8 @@ class Trainer:
                 os.path.join(cfg.logging.log_dir, "samples.jsonl"), "a", buffering=1
             )
         consecutive_skips = 0
-        self.model.train()
+        for chunk in self.model:
+            chunk.train()
         try:
             while step < cfg.train_steps:
                 t0 = time.perf_counter()

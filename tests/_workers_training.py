@@ -18,20 +18,45 @@ def train(config) -> dict[str, Any]:
     }
 
 
+def gloo_threads() -> int:
+    """This process's gloo threads (each gloo process group alive keeps three)."""
+    import os
+
+    count = 0
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                count += f.read().startswith(("gloo", "pt_gloo"))
+        except OSError:  # the thread ended meanwhile
+            pass
+    return count
+
+
 def train_and_report_buckets(config) -> dict[str, Any]:
-    """As `train`, plus the number of DDP bucket groups and this rank's final weights (one flat
-    fp32 tensor, in parameter order), read after the run returned."""
+    """As `train`, plus the number of DDP bucket groups, this rank's final weights (one flat
+    fp32 tensor, in parameter order), read after the run returned, and its gloo threads before
+    the run and after the session closed."""
+    import gc
+
     import torch
 
     from megatron_ext.training.trainer import trainer_session
 
+    threads_before = gloo_threads()
     with trainer_session(config) as trainer:
         result = trainer.run()
         buckets = sum(len(chunk.bucket_groups) for chunk in trainer.model)
         weights = torch.cat(
             [p.detach().float().flatten() for c in trainer.model for p in c.parameters()]
         )
-    return {"records": result.records, "bucket_groups": buckets, "weights": weights}
+    del trainer
+    gc.collect()
+    return {
+        "records": result.records,
+        "bucket_groups": buckets,
+        "weights": weights,
+        "gloo_threads": (threads_before, gloo_threads()),
+    }
 
 
 def train_with_adam_moments_zeroed_after_load(config) -> dict[str, Any]:

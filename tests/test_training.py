@@ -411,6 +411,10 @@ def test_overlapped_grad_reduce_and_param_gather_train_like_synchronous(pool2, d
         ref = pool2.run(w.train_and_report_buckets, plain)
         ours = pool2.run(w.train_and_report_buckets, overlapped)
         assert ref[0]["bucket_groups"] == 1 and ours[0]["bucket_groups"] >= 4, distributed
+        # The finished runs freed their process groups (their gloo threads stopped).
+        for out in (*ref, *ours):
+            before, after = out["gloo_threads"]
+            assert before > 0 and after == before, (distributed, out["gloo_threads"])
         records, ref_records = ours[0]["records"], ref[0]["records"]
         # fp32 on both; only the order of the reductions differs (bucket by bucket).
         assert _losses(ours[0]) == pytest.approx(_losses(ref[0]), abs=1e-6)

@@ -25,6 +25,15 @@ def destroy_new_process_groups(groups_before: set) -> None:
     """
     for group in process_groups() - groups_before:
         dist.destroy_process_group(group)
+    # megatron-core 0.19's destroy_model_parallel leaves two of its globals set
+    # (_INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP and its gloo twin), which would keep those
+    # groups, and their threads, alive until the next initialisation.
+    from megatron.core import parallel_state
+
+    alive = process_groups()
+    for name, value in list(vars(parallel_state).items()):
+        if isinstance(value, dist.ProcessGroup) and value not in alive:
+            setattr(parallel_state, name, None)
 
 
 @contextlib.contextmanager

@@ -222,6 +222,26 @@ def test_qwen3_moe_import_matches_transformers_at_pp2_ep2(pool4, tmp_path, routi
         diff = (logits[..., :VOCAB] - expected).abs().max().item()
         print(f"max |logit diff| megatron MoE PP=2 x EP=2 vs transformers = {diff:.3g}")
         assert diff < LOGIT_TOL
+    # The way back: every tensor of the original shards bitwise, the MoE config fields as written.
+    exported = tmp_path / "exported"
+    assert (
+        _tool("export_hf")(["--checkpoint", str(out), "--out", str(exported), "--no-progress"]) == 0
+    )
+    original, again = _safetensors(tmp_path / "hf"), _safetensors(exported)
+    assert again.keys() == original.keys()
+    for name, tensor in original.items():
+        assert again[name].dtype == tensor.dtype and torch.equal(again[name], tensor), name
+    a, b = (json.loads((d / "config.json").read_text()) for d in (tmp_path / "hf", exported))
+    moe_fields = (
+        "num_experts_per_tok",
+        "moe_intermediate_size",
+        "norm_topk_prob",
+        "mlp_only_layers",
+    )
+    assert {f: b[f] for f in (*HF_FIELDS, *moe_fields)} == {
+        f: a[f] for f in (*HF_FIELDS, *moe_fields)
+    }
+    assert b["architectures"] == a["architectures"] == ["Qwen3MoeForCausalLM"]
 
 
 def test_checkpoint_files_and_run_config(hf_dense, imported):

@@ -16,18 +16,18 @@ def pretrain_outcome(config) -> dict[str, Any]:
     """
     from megatron.core import parallel_state
 
-    from megatron_ext.training import trainer
+    from megatron_ext.training import builders, session, trainer
 
     counted = {
         "init_distributed": mock.patch.object(
-            trainer, "_init_distributed", wraps=trainer._init_distributed
+            session, "init_distributed", wraps=session.init_distributed
         ),
         "initialize_model_parallel": mock.patch.object(
             parallel_state,
             "initialize_model_parallel",
             wraps=parallel_state.initialize_model_parallel,
         ),
-        "build_model": mock.patch.object(trainer, "build_model", wraps=trainer.build_model),
+        "build_model": mock.patch.object(builders, "build_model", wraps=builders.build_model),
         "train_step": mock.patch.object(
             trainer.Trainer, "train_step", autospec=True, side_effect=trainer.Trainer.train_step
         ),
@@ -55,7 +55,7 @@ def pretrain_with_a_bad_label(config, rank: int = 1) -> dict[str, Any]:
 
     from megatron_ext.training import trainer
 
-    original = trainer._forward_step
+    original = trainer.forward_step
     corrupted = []
 
     def forward_step(data_iterator, model):
@@ -65,5 +65,5 @@ def pretrain_with_a_bad_label(config, rank: int = 1) -> dict[str, Any]:
             corrupted.append(True)
         return original(iter([batch]), model)
 
-    with mock.patch.object(trainer, "_forward_step", forward_step):
+    with mock.patch.object(trainer, "forward_step", forward_step):
         return pretrain_outcome(config)

@@ -175,7 +175,7 @@ def test_context_parallel_shards_and_their_token_counts():
     order); the token-sum loss of the shards adds up to the whole sequence's, with unequal
     unmasked tokens per shard and a shard with none (no NaN: megatron sums the counts over the
     data- and context-parallel ranks before it divides, clamped at 1)."""
-    from megatron_ext.training.trainer import _loss_func, context_parallel_shard
+    from megatron_ext.training.step import context_parallel_shard, loss_func
 
     x = torch.arange(32).view(2, 16)  # [b, s]
     assert context_parallel_shard(x, 1, 0) is x
@@ -190,9 +190,9 @@ def test_context_parallel_shards_and_their_token_counts():
     mask[:, 5:7] = 1  # all of the unmasked tokens are on CP rank 1 (chunks 1 and 2)
     mask[0, 15] = 1  # but one, on rank 0
     loss[mask == 0] = float("nan")  # a masked position's value must not matter
-    whole = _loss_func(mask, None, True, torch.where(mask > 0, loss, 0.0))
+    whole = loss_func(mask, None, True, torch.where(mask > 0, loss, 0.0))
     parts = [
-        _loss_func(
+        loss_func(
             context_parallel_shard(mask, 2, r), None, True, context_parallel_shard(loss, 2, r)
         )
         for r in range(2)
@@ -200,7 +200,7 @@ def test_context_parallel_shards_and_their_token_counts():
     assert [int(p[1]) for p in parts] == [1, 4] and int(whole[1]) == 5
     assert float(sum(p[0] for p in parts)) == pytest.approx(float(whole[0]), rel=1e-6)
     empty = torch.zeros(2, 8)  # a shard without unmasked tokens
-    nothing = _loss_func(empty, None, True, torch.full((2, 8), float("nan")))
+    nothing = loss_func(empty, None, True, torch.full((2, 8), float("nan")))
     assert float(nothing[0]) == 0.0 and int(nothing[1]) == 0
     assert torch.isfinite(nothing[2]["sums"][[0, 1, 5]]).all()
 

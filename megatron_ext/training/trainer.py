@@ -10,6 +10,11 @@ GPTDataset samples -> finalize_model_grads (grads divided by the global loss-tok
 over the data- and context-parallel ranks) -> dist_checkpointing (one sharded state dict per
 chunk).
 
+The pieces: training.session (the process group, SIGTERM, the teardown), training.builders
+(parallel state and seeds, model chunks, optimizer, schedule), training.step (one micro-batch:
+the forward step and its loss function) and this module, the Trainer (one optimizer step,
+`train_step`, validation, checkpoints) and its run loop (`run`).
+
 The same code runs with NCCL on GPUs and with gloo on CPU (megatron_ext.core.cpu_compat bridges
 megatron-core's CUDA-only calls when no GPU is used; TrainConfig.device chooses). Entry point:
 `pretrain(config)`.
@@ -21,40 +26,29 @@ import contextlib
 import dataclasses
 import json
 import os
-import random
-import signal
-import socket
-import threading
 import time
 import zlib
 from collections.abc import Iterator
-from functools import partial
-from typing import Any, Self
+from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.distributed import (
-    DistributedDataParallel,
-    DistributedDataParallelConfig,
-    finalize_model_grads,
-)
-from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
-from megatron.core.optimizer import get_megatron_optimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-from megatron.core.transformer.module import Float16Module
 from megatron.core.utils import unwrap_model
 
-from megatron_ext.core import install_cpu_compat
-from megatron_ext.core.parallel import destroy_new_process_groups, process_groups
 from megatron_ext.core.quiet import transformer_engine_notice
 from megatron_ext.data.errors import DataError
-from megatron_ext.loss import ShapedLossStats
 from megatron_ext.loss.vocab_parallel import INPUT_FLAGS
-from megatron_ext.models import IGNORE_INDEX, build_model, to_transformer_config
+from megatron_ext.models import IGNORE_INDEX
+from megatron_ext.training.builders import (
+    build_model_chunks,
+    build_optimizer,
+    build_scheduler,
+    build_transformer_config,
+    connect_schedule,
+    initialize_parallel_state,
+)
 from megatron_ext.training.checkpoint import (
     CheckpointError,
     checkpoint_dir,
@@ -64,9 +58,10 @@ from megatron_ext.training.checkpoint import (
 )
 from megatron_ext.training.config import ConfigError, TrainConfig, config_to_dict
 from megatron_ext.training.data import BatchPlan, MicroBatch, build_datasets
-from megatron_ext.training.device import resolve_device
 from megatron_ext.training.metrics import LOSS_SUM_FIELDS, MetricsWriter, sums_to_metrics
+from megatron_ext.training.session import SigtermFlag, distributed_session, release_model
 from megatron_ext.training.start import StartPlan, apply_start_plan, plan_start
+from megatron_ext.training.step import context_parallel_shard, forward_step
 
 __all__ = ["NonFiniteError", "StepResult", "TrainResult", "context_parallel_shard", "pretrain"]
 
@@ -111,60 +106,6 @@ class StepResult:
     def skipped(self) -> bool:
         """Whether the optimizer step was withheld (non-finite loss or gradients)."""
         return self.nonfinite is not None
-
-
-class _SigtermFlag:
-    """Notes SIGTERM instead of dying of it, while active (main thread only; elsewhere inert)."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.received = False
-        self._previous = None
-        self._enabled = enabled and threading.current_thread() is threading.main_thread()
-
-    def _handle(self, signum, frame) -> None:
-        if not self.received:
-            print(
-                f"rank {dist.get_rank()}: SIGTERM received; saving a checkpoint after this step",
-                flush=True,
-            )
-        self.received = True
-
-    def __enter__(self) -> Self:
-        if self._enabled:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._enabled:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
-def _world_size() -> int:
-    if dist.is_initialized():
-        return dist.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _init_distributed(config: TrainConfig, device: str) -> bool:
-    """Create the default process group unless the caller did; returns whether we created it.
-
-    device: 'cuda' or 'cpu' (resolve_device of config.device); on the CPU megatron's CUDA-only
-    calls are bridged (and GPUs hidden from this process when some are visible)."""
-    if device == "cpu":
-        install_cpu_compat(force=True)
-    else:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    if dist.is_initialized():
-        return False
-    backend = config.backend or ("nccl" if device == "cuda" else "gloo")
-    if "MASTER_ADDR" not in os.environ and _world_size() == 1:
-        # A single process started without torchrun: rendezvous with itself on a free port.
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1")
-    dist.init_process_group(backend)
-    return True
 
 
 def _check_data(config: TrainConfig) -> None:
@@ -212,80 +153,6 @@ def _plan_start(config: TrainConfig) -> StartPlan:
     return out[0]
 
 
-def _loss_func(
-    loss_mask: torch.Tensor,
-    stats: ShapedLossStats | None,
-    loss_is_ce: bool,
-    output_tensor: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Token-sum loss of one micro-batch (megatron divides the gradients by the global token
-    count in finalize_model_grads, since calculate_per_token_loss is on), plus metric sums
-    (NaN where unknown: diagnostics not computed this step)."""
-    mask = loss_mask.float()  # [b, s]
-    keep = mask > 0
-    # where, not a product: a masked position contributes 0 even if its value is not finite.
-    loss_sum = torch.where(keep, output_tensor.float() * mask, 0.0).sum()
-    tokens = mask.sum()
-    with torch.no_grad():
-        zero = torch.zeros((), device=mask.device)
-        nan = torch.full((), float("nan"), device=mask.device)
-
-        def masked_sum(x: torch.Tensor) -> torch.Tensor:
-            return torch.where(keep, x.float(), zero).sum()
-
-        if stats is None:
-            ce = loss_sum.detach() if loss_is_ce else nan
-            sums = torch.stack([loss_sum.detach(), ce, nan, nan, nan, tokens])
-        else:
-            sums = torch.stack(
-                [
-                    loss_sum.detach(),
-                    -masked_sum(stats.target_logprob),
-                    masked_sum(stats.entropy),
-                    masked_sum(stats.target_prob),
-                    masked_sum(stats.topk_mass),
-                    tokens,
-                ]
-            )
-    return loss_sum, tokens.to(torch.int), {"sums": sums.double()}
-
-
-def context_parallel_shard(x: torch.Tensor, cp_size: int, cp_rank: int) -> torch.Tensor:
-    """This context-parallel rank's positions of a [b, s] tensor: the sequence cut into
-    2 * cp_size equal chunks, rank r keeping chunks r and 2 * cp_size - 1 - r (the load-balanced
-    order of causal attention that megatron-core's CP attention and RoPE expect).
-
-    Returns:
-        [b, s / cp_size]; x itself when cp_size is 1.
-    """
-    if cp_size == 1:
-        return x
-    b, s = x.shape
-    chunks = x.view(b, 2 * cp_size, s // (2 * cp_size))  # [b, 2cp, s/2cp]
-    mine = torch.tensor([cp_rank, 2 * cp_size - 1 - cp_rank], device=x.device)
-    return chunks.index_select(1, mine).reshape(b, s // cp_size)  # [b, s/cp]
-
-
-def _forward_step(data_iterator, model: torch.nn.Module):
-    batch: MicroBatch = next(data_iterator)
-    tokens, positions, loss_mask = batch.tokens, batch.position_ids, batch.loss_mask  # [b, s]
-    labels = batch.labels.masked_fill(loss_mask == 0, IGNORE_INDEX)  # [b, s]
-    cp_size = parallel_state.get_context_parallel_world_size()
-    if cp_size > 1:
-        # Each CP rank computes its shard of every sequence; megatron sums the loss-token
-        # counts over the data- and context-parallel ranks (finalize_model_grads), so a shard
-        # with fewer, or no, loss tokens weighs what its tokens weigh.
-        cp_rank = parallel_state.get_context_parallel_rank()
-        tokens, positions, labels, loss_mask = (
-            context_parallel_shard(t, cp_size, cp_rank)
-            for t in (tokens, positions, labels, loss_mask)
-        )  # [b, s/cp]
-    output = model(tokens, positions, None, labels=labels)
-    inner = unwrap_model(model)
-    loss_is_ce = inner.native_cross_entropy or inner.shaping.is_cross_entropy
-    return output, partial(_loss_func, loss_mask, inner.last_loss_stats, loss_is_ce)
-
-
 class Trainer:
     """The pieces of a run on this rank: parallel state, model, optimizer, scheduler, data.
 
@@ -298,7 +165,7 @@ class Trainer:
     def __init__(self, config: TrainConfig) -> None:
         """Initialise megatron's parallel state and build everything (process group required)."""
         self.config = config
-        cfg, par = config, config.parallel
+        cfg = config
         self.start = _plan_start(cfg)
         _check_data(cfg)
         self.device = (
@@ -306,126 +173,17 @@ class Trainer:
             if torch.cuda.is_available()
             else torch.device("cpu")
         )
-        vp = par.virtual_pipeline
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=par.tensor,
-            pipeline_model_parallel_size=par.pipeline,
-            virtual_pipeline_model_parallel_size=vp if vp > 1 else None,
-            context_parallel_size=par.context,
-            expert_model_parallel_size=par.expert,
-        )
-        seed = cfg.seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
-        model_parallel_cuda_manual_seed(seed)
-
-        params_dtype = torch.bfloat16 if cfg.bf16 else torch.float32
-        use_te = cfg.uses_transformer_engine
-        self.tconfig = to_transformer_config(
-            cfg.model,
-            tensor_parallel=par.tensor,
-            pipeline_parallel=par.pipeline,
-            virtual_pipeline=vp,
-            expert_parallel=par.expert,
-            context_parallel=par.context,
-            sequence_parallel=par.use_sequence_parallel,
-            params_dtype=params_dtype,
-            use_transformer_engine=use_te,
-            recompute=cfg.recompute,
-        )
+        initialize_parallel_state(cfg)
+        self.tconfig = build_transformer_config(cfg)
         # Bad labels and non-finite logits are counted on the device and read once per step, in
         # train_step's all-reduce: the loss itself never waits for the device.
         self.input_flags = torch.zeros(len(INPUT_FLAGS), dtype=torch.float32, device=self.device)
-        # Overlap: each bucket's reduce starts in the backward pass once its gradients are
-        # complete (the fused output loss adds the output weight's gradient to main_grad before
-        # its hook fires, so its bucket waits for it); with overlap_param_gather the optimizer
-        # step leaves the all-gather to forward pre-hooks of the next forward pass.
-        ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True,
-            overlap_grad_reduce=par.overlap_grad_reduce,
-            overlap_param_gather=par.overlap_param_gather,
-            bucket_size=par.ddp_bucket_size,
-            use_distributed_optimizer=par.distributed_optimizer,
-        )
-        # This rank's model chunks, in pipeline order: one, or parallel.virtual_pipeline of them
-        # (megatron's layout: chunk i of stage r holds the layers of virtual stage
-        # i * pipeline + r; the last chunk of the last stage has the output layer and the loss).
-        self.model: list[DistributedDataParallel] = []
-        for vp_stage in range(vp):
-            chunk: torch.nn.Module = build_model(
-                cfg.model,
-                self.tconfig,
-                cfg.shaping,
-                use_transformer_engine=use_te,
-                native_cross_entropy=cfg.native_cross_entropy,
-                fused_output_loss=cfg.fused_output_loss,
-                vp_stage=vp_stage if vp > 1 else None,
-            )
-            chunk.to(self.device)
-            chunk.check_finite_logits = False  # non-finite losses are handled per step, below
-            chunk.input_flags = self.input_flags
-            if cfg.bf16:
-                chunk = Float16Module(self.tconfig, chunk)
-            # As megatron's own loop: the chunks after the first keep one bucket each (their
-            # communication overlaps with the other chunks' computation anyway).
-            self.model.append(
-                DistributedDataParallel(
-                    self.tconfig, ddp_config, chunk, disable_bucketing=vp_stage > 0
-                )
-            )
-
-        opt = cfg.optimizer
-        self.optimizer = get_megatron_optimizer(
-            MegatronOptimizerConfig(
-                optimizer="adam",  # torch AdamW without Apex/TE (decoupled weight decay)
-                lr=opt.lr,
-                min_lr=opt.min_lr,
-                weight_decay=opt.weight_decay,
-                adam_beta1=opt.adam_beta1,
-                adam_beta2=opt.adam_beta2,
-                adam_eps=opt.adam_eps,
-                clip_grad=opt.clip_grad,
-                bf16=cfg.bf16,
-                params_dtype=params_dtype,
-                use_distributed_optimizer=par.distributed_optimizer,
-                overlap_param_gather=par.overlap_param_gather,
-            ),
-            self.model,
-        )
-        decay_steps = opt.decay_steps or cfg.train_steps
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer,
-            init_lr=0.0,
-            max_lr=opt.lr,
-            min_lr=opt.min_lr,
-            lr_warmup_steps=opt.warmup_for(decay_steps),
-            lr_decay_steps=decay_steps,
-            lr_decay_style="WSD",
-            start_wd=opt.weight_decay,
-            end_wd=opt.weight_decay,
-            wd_incr_steps=decay_steps,
-            wd_incr_style="constant",
-            use_checkpoint_opt_param_scheduler=not opt.override_scheduler,
-            override_opt_param_scheduler=opt.override_scheduler,
-            wsd_decay_steps=opt.wsd_decay_steps,
-            lr_wsd_decay_style=opt.wsd_decay_style,
-        )
-        self.tconfig.grad_scale_func = self.optimizer.scale_loss
-        self.tconfig.finalize_model_grads_func = finalize_model_grads
-        # As megatron's own loop sets them (a function per chunk, or the one chunk's): the
-        # schedule holds the gradient reduce back (no_sync) until the last micro-batch, and with
-        # overlap every pipeline stage but the first launches its remaining reduces together
-        # after its last backward (grad_sync_func, megatron's align_grad_reduce; with chunks,
-        # each chunk's after its last backward). No param_sync_func (megatron's
-        # align_param_gather, off): the forward pre-hooks of each chunk wait for its all-gathers.
-        no_sync = [chunk.no_sync for chunk in self.model]
-        self.tconfig.no_sync_func = no_sync if vp > 1 else no_sync[0]
-        if par.overlap_grad_reduce:
-            grad_sync = [chunk.start_grad_sync for chunk in self.model]
-            self.tconfig.grad_sync_func = grad_sync if vp > 1 else grad_sync[0]
+        self.model = build_model_chunks(cfg, self.tconfig, self.device, self.input_flags)
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.scheduler = build_scheduler(cfg, self.optimizer)
+        connect_schedule(cfg, self.tconfig, self.model, self.optimizer)
         self.forward_backward = get_forward_backward_func()
-        self._sigterm: _SigtermFlag | None = None
+        self._sigterm: SigtermFlag | None = None
 
         self.train_data, self.valid_data = build_datasets(cfg)
         self.plan = BatchPlan(
@@ -446,7 +204,7 @@ class Trainer:
         if len(self.model) > 1:
             data = [iter(batches) for _ in self.model]
         outputs = self.forward_backward(
-            forward_step_func=_forward_step,
+            forward_step_func=forward_step,
             data_iterator=data,
             model=self.model,
             num_microbatches=len(batches),
@@ -780,61 +538,14 @@ def pretrain(config: TrainConfig) -> TrainResult:
         return trainer.run()
 
 
-def _release_model(model: torch.nn.Module | list[torch.nn.Module]) -> None:
-    """Let the model, its optimizer and the process groups they hold be freed once the run is
-    over, in a process that goes on (test workers, notebooks, repeated runs). Two references
-    outlive the run otherwise: megatron DDP's gradient hooks sit on autograd nodes that hold
-    them from C++ (a cycle the garbage collector cannot see), and RotaryEmbedding.forward's
-    lru_cache holds the embedding. Each gloo group kept alive keeps three threads polling."""
-    import gc
-    from collections import OrderedDict
-    from types import CellType, FunctionType
-
-    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
-
-    for chunk in model if isinstance(model, list) else [model]:
-        grad_accs = getattr(chunk, "grad_accs", None)
-        if isinstance(grad_accs, list):
-            grad_accs.clear()
-        # The hooks themselves: megatron drops their handles, so find them through their
-        # closures (cell -> closure tuple -> function) and empty the hook tables holding them.
-        for cell in [r for r in gc.get_referrers(chunk) if isinstance(r, CellType)]:
-            for closure in gc.get_referrers(cell):
-                for hook in gc.get_referrers(closure):
-                    if isinstance(hook, FunctionType) and "_make_backward_post_hook" in (
-                        hook.__qualname__
-                    ):
-                        for table in gc.get_referrers(hook):
-                            if isinstance(table, OrderedDict):
-                                table.clear()
-    cache_clear = getattr(RotaryEmbedding.forward, "cache_clear", None)
-    if cache_clear is not None:
-        cache_clear()
-
-
 @contextlib.contextmanager
 def trainer_session(config: TrainConfig) -> Iterator[Trainer]:
     """A Trainer for `config` (validated first), with the process group and megatron's parallel
     state set up around it and torn down after (a process group made by the caller is kept)."""
-    config.validate(_world_size())
-    device = resolve_device(config.device)
-    owns_group = _init_distributed(config, device)
-    groups_before = process_groups()
-    # SIGTERM is noted from here on, so that one arriving while the run starts up is honoured at
-    # its first step too (only with somewhere to save to).
-    sigterm = _SigtermFlag(bool(config.checkpoint.save_dir) and config.checkpoint.save_on_sigterm)
-    trainer = None
-    try:
-        with sigterm:
-            trainer = Trainer(config)
-            trainer._sigterm = sigterm
+    with distributed_session(config) as session:
+        trainer = Trainer(config)
+        trainer._sigterm = session.sigterm
+        try:
             yield trainer
-    finally:
-        if trainer is not None:
-            _release_model(trainer.model)
-        if parallel_state.model_parallel_is_initialized():
-            parallel_state.destroy_model_parallel()
-        if owns_group:
-            dist.destroy_process_group()
-        else:
-            destroy_new_process_groups(groups_before)
+        finally:
+            release_model(trainer.model)

@@ -40,7 +40,8 @@ import math
 import os
 import random
 import re
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ __all__ = [
     "ProbeRun",
     "RLProbeConfig",
     "RLProbeReport",
+    "corpus_successors",
     "corpus_tasks",
     "evaluate_policy",
     "export_run",
@@ -73,7 +75,7 @@ _COMPLETION_WORD = re.compile(r" (\w+)")
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RLProbeConfig:
-    """Settings of the RL probe (the defaults take about a minute per run on 2 CPU cores)."""
+    """Settings of the RL probe (the defaults take 1-2 minutes per run on 2 CPU cores)."""
 
     train_prompts: int = 64
     """Prompts GRPO trains on (from the corpus's training documents)."""
@@ -81,14 +83,21 @@ class RLProbeConfig:
     """Prompts of the evaluation before and after RL (from the held-out documents)."""
     context_chars: int = 160
     """The longest prompt, in characters (cut back to the start of a line)."""
-    steps: int = 30
+    min_count: int = 20
+    """A prompt's last chunk (its text after the last whitespace) must precede a word at least
+    this many times in the training documents ..."""
+    min_share: float = 0.35
+    """... and the answer must be its most frequent next word there, at least this share of the
+    time (the corpus determines the answer; see corpus_successors)."""
+    steps: int = 10
     """GRPO optimizer steps."""
     prompts_per_step: int = 4
     """Prompts per GRPO step (each with num_generations completions)."""
     num_generations: int = 8
     """Completions per prompt in a GRPO group."""
-    learning_rate: float = 1e-4
-    """AdamW learning rate of the GRPO run (constant)."""
+    learning_rate: float = 1e-3
+    """AdamW learning rate of the GRPO run (constant; the tiny models need a large one to move
+    in a few steps)."""
     max_completion_tokens: int = 3
     """Tokens sampled per completion (the answer is one token; a few give room to spell it)."""
     eval_samples: int = 16
@@ -110,6 +119,7 @@ class RLProbeConfig:
             "num_generations",
             "max_completion_tokens",
             "eval_samples",
+            "min_count",
         )
         for name in positive:
             value = getattr(self, name)
@@ -125,6 +135,8 @@ class RLProbeConfig:
                 f"RLProbeConfig.ks={self.ks!r}: every k must lie in 1..eval_samples "
                 f"({self.eval_samples}); raise eval_samples to estimate a larger k"
             )
+        if not 0 < self.min_share <= 1:
+            raise ValueError(f"RLProbeConfig.min_share={self.min_share!r}: must lie in (0, 1]")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise ValueError(f"RLProbeConfig.learning_rate={self.learning_rate!r}: must be > 0")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
@@ -144,17 +156,52 @@ class NextWordTask:
     """The word that follows in the document."""
 
 
+def _places(text: str) -> Iterator[tuple[int, str, str]]:
+    """(start, chunk, word) for every space and word after a non-space character: the chunk is
+    the text from the last whitespace before the space (e.g. `self,` or `(the`)."""
+    for match in _WORD.finditer(text):
+        start = match.start()
+        chunk_start = max(text.rfind(c, 0, start) for c in " \t\n") + 1
+        yield start, text[chunk_start:start], match.group(1)
+
+
+def corpus_successors(
+    texts: Iterable[str], *, min_count: int = 20, min_share: float = 0.35
+) -> dict[str, str]:
+    """chunk -> the word that follows it most often in `texts` (a chunk being the text between
+    the last whitespace and a space that a word follows), for the chunks followed by a word at
+    least min_count times, that word at least min_share of the time (ties: the first in
+    alphabetical order)."""
+    pairs: Counter[tuple[str, str]] = Counter()
+    totals: Counter[str] = Counter()
+    for text in texts:
+        for _, chunk, word in _places(text):
+            pairs[(chunk, word)] += 1
+            totals[chunk] += 1
+    best: dict[str, tuple[int, str]] = {}
+    for (chunk, word), n in pairs.items():
+        if chunk not in best or (-n, word) < (-best[chunk][0], best[chunk][1]):
+            best[chunk] = (n, word)
+    return {
+        chunk: word
+        for chunk, (n, word) in best.items()
+        if totals[chunk] >= min_count and n >= min_share * totals[chunk]
+    }
+
+
 def next_word_tasks(
     texts: Sequence[str],
     tokenizer: Any,
     count: int,
     *,
+    successors: Mapping[str, str] | None = None,
     context_chars: int = 160,
     seed: int = 0,
 ) -> list[NextWordTask]:
     """`count` next-word prompts from `texts`, chosen at random (seeded) among every place where
-    a space and a word follow a non-space character and the word with its space is one token of
-    `tokenizer`; no prompt twice.
+    a space and a word follow a non-space character, the word with its space is one token of
+    `tokenizer` and, given `successors` (corpus_successors), the word is the successor of the
+    chunk before it; no prompt twice.
 
     Raises:
         ValueError: the texts hold fewer than `count` such places.
@@ -168,16 +215,17 @@ def next_word_tasks(
 
     candidates: dict[str, str] = {}
     for text in texts:
-        for match in _WORD.finditer(text):
-            start = match.start()
+        for start, chunk, word in _places(text):
+            if successors is not None and successors.get(chunk) != word:
+                continue
             window = text[max(0, start - context_chars) : start]
             if start > context_chars or "\n" in window:  # begin at a line start
                 if "\n" not in window:
                     continue
                 window = window[window.index("\n") + 1 :].lstrip("\n")
-            if len(window.strip()) < 8 or not one_token(match.group(1)):
+            if len(window.strip()) < 8 or not one_token(word):
                 continue
-            candidates.setdefault(window, match.group(1))
+            candidates.setdefault(window, word)
     if len(candidates) < count:
         raise ValueError(
             f"the texts give {len(candidates)} next-word prompts, fewer than the {count} asked "
@@ -249,9 +297,12 @@ def corpus_tasks(
             "held-out documents (DefaultCorpusConfig.valid_every > 0)"
         )
     tokenizer = AutoTokenizer.from_pretrained(Path(data_dir) / paths["tokenizer"])
-    train_texts = _documents(str(Path(data_dir) / paths["train_prefix"]), tokenizer, limit=400)
+    train_texts = _documents(str(Path(data_dir) / paths["train_prefix"]), tokenizer)
     valid_texts = _documents(str(Path(data_dir) / paths["valid_prefix"]), tokenizer)
-    kw = {"context_chars": config.context_chars, "seed": config.seed}
+    successors = corpus_successors(
+        train_texts, min_count=config.min_count, min_share=config.min_share
+    )
+    kw = {"successors": successors, "context_chars": config.context_chars, "seed": config.seed}
     return (
         next_word_tasks(train_texts, tokenizer, config.train_prompts, **kw),
         next_word_tasks(valid_texts, tokenizer, config.eval_prompts, **kw),

@@ -576,7 +576,9 @@ def _rl_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rl-steps", type=int, default=10, help="GRPO steps (%(default)s)")
     g.add_argument("--prompts", type=int, default=64, help="GRPO prompts (%(default)s)")
     g.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts (%(default)s)")
-    g.add_argument("--prompts-per-step", type=int, default=4, help="(%(default)s)")
+    g.add_argument(
+        "--prompts-per-step", type=int, default=4, help="GRPO prompts per step (%(default)s)"
+    )
     g.add_argument("--generations", type=int, default=8, help="GRPO group size (%(default)s)")
     g.add_argument("--rl-lr", type=float, default=1e-3, help="GRPO learning rate (%(default)s)")
     g.add_argument(

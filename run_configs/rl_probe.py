@@ -12,22 +12,27 @@ The task: next-word completion on the corpus. A prompt is a stretch of a documen
 pre-training corpus (at most `context_chars` characters, from a line start) that ends just
 before a space and a word; the answer is that word. The reward of a completion is 1 when it
 starts with a space and exactly that word (the word followed by a non-word character or the end
-of the completion), else 0. Why this task: its format is the pre-training data itself, so the
-tiny models of the comparison (2 layers, perplexity in the hundreds) already solve some prompts
-(a reward well above 0 but far from 1, which gives GRPO groups with both outcomes to learn
-from), it is verifiable exactly, it is where the presets differ by construction (how much
-probability the prior leaves on its top candidates versus the tail is what decides pass@1
-against pass@8), and it needs no synthetic corpus and no second pre-training. The answers are
-restricted to words the tokenizer holds as one token with their leading space, so that a
-completion of a few tokens always has room for the answer. GRPO's prompts come from the
-training documents, the evaluation's from the held-out documents, so the figures after RL are
-on prompts RL never saw.
+of the completion), else 0. The places kept are those where the training documents determine
+the next word: the prompt's last chunk (its text after the last whitespace) precedes a word at
+least `min_count` times there, and the answer is its most frequent next word, at least
+`min_share` of the time (corpus_successors); the answer is also one token of the tokenizer with
+its leading space, so that a completion of a few tokens always has room for it.
+
+Why this task: its format is the pre-training data itself, so it needs no synthetic corpus and
+no second pre-training; it is exactly verifiable; on the places the corpus determines, the tiny
+models of the comparison (2 layers, perplexity in the hundreds) solve some prompts but far from
+all (on unrestricted words their reward is about 0.01, and GRPO groups would all be 0: no
+signal); and it is where the presets differ by construction, since how much probability the
+prior leaves on its top candidates against the tail is what decides pass@1 against pass@8.
+GRPO's prompts come from the training documents, the evaluation's from the held-out documents,
+so the figures after RL are on prompts RL never saw.
 
 Reported per preset, as the mean over seeds with its 95% Student t interval
 (run_configs.seed_stats), on the held-out prompts before and after RL: the mean reward of
 sampled completions (temperature 1, the sampling GRPO uses), pass@1 and pass@8 (the unbiased
 estimator of Chen et al. 2021 over `eval_samples` samples per prompt; with a 0/1 reward pass@1
-equals the mean reward), the policy's next-token entropy at the end of the prompts, and during
+equals the mean reward), the greedy reward, the policy's next-token entropy at the end of the
+prompts, and during
 RL the trajectory of the policy entropy of the sampled completions and of the reward (TRL's
 logged `entropy` and `reward`, one value per step).
 """

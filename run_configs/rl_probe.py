@@ -703,7 +703,7 @@ def _plot(results: Mapping[str, Sequence[ProbeRun]], path: Path) -> Path:
 
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.5), constrained_layout=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    names = list(results)
+    ticks: list[tuple[float, str]] = []
     for i, (preset, runs) in enumerate(results.items()):
         color = colors[i % len(colors)]
         for ax, field in zip(axes[:2], ("entropy", "reward"), strict=True):
@@ -728,8 +728,7 @@ def _plot(results: Mapping[str, Sequence[ProbeRun]], path: Path) -> Path:
                     capsize=2,
                     ls="none",
                 )
-            axes[2].annotate(f"@{k}", (x, 0), xytext=(0, -14), textcoords="offset points",
-                             ha="center", fontsize=7, annotation_clip=False)  # fmt: skip
+            ticks.append((x, f"{preset}\npass@{k}"))
     axes[0].set_title("policy entropy during GRPO (nats/token)")
     axes[1].set_title("reward during GRPO (training prompts)")
     axes[2].set_title("held-out pass@k: before (open) and after (filled) GRPO")
@@ -737,7 +736,7 @@ def _plot(results: Mapping[str, Sequence[ProbeRun]], path: Path) -> Path:
         ax.set_xlabel("GRPO step")
         ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize=7)
-    axes[2].set_xticks(range(len(names)), names)
+    axes[2].set_xticks([x for x, _ in ticks], [label for _, label in ticks], fontsize=7)
     axes[2].set_ylim(bottom=0)
     axes[2].grid(True, axis="y", alpha=0.3)
     if any(len(r) > 1 for r in results.values()):

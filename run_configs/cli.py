@@ -573,7 +573,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _rl_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("RL probe")
-    g.add_argument("--rl-steps", type=int, default=10, help="GRPO steps (%(default)s)")
+    g.add_argument("--rl-steps", type=int, default=40, help="GRPO steps (%(default)s)")
     g.add_argument("--prompts", type=int, default=64, help="GRPO prompts (%(default)s)")
     g.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts (%(default)s)")
     g.add_argument(

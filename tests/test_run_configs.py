@@ -492,8 +492,19 @@ def test_cli_dryrun_prints_the_resolved_run(shared_dir, capsys):
             ["compare", "--out", "{tmp}/cmp"],
             "--out {tmp}/cmp holds an earlier comparison (ce, report.md); pass --overwrite",
         ),
+        (
+            ["rl-probe", "--compare-dir", "{tmp}/cmp", "--data-dir", "{tmp}/runs"],
+            "--data-dir {tmp}/runs holds no built corpus (manifest.json)",
+        ),
     ],
-    ids=["paper-needs-data", "load-typo", "tiny-midtrain-needs-load", "pretrain-load", "compare"],
+    ids=[
+        "paper-needs-data",
+        "load-typo",
+        "tiny-midtrain-needs-load",
+        "pretrain-load",
+        "compare",
+        "rl-probe",
+    ],
 )
 def test_launcher_refuses_before_importing_nemo_run(tmp_path, argv, message):
     """Each mistake is one `error:` line, exit status 2, before NeMo-Run or torch is imported

@@ -1,4 +1,4 @@
-"""NeMo-Run configurations of megatron_ext.training: recipes, executors, experiments, report.
+"""NeMo-Run configurations of megatron_ext.training: recipes, executors, experiments, reports.
 
 Kept outside the library (megatron_ext never imports run_configs). Names are imported lazily so
 that `python -m run_configs --help` stays quick.
@@ -34,6 +34,8 @@ _EXPORTS = {
     "launch": "experiments",
     "preset_tasks": "experiments",
     "write_report": "report",
+    "RLProbeConfig": "rl_probe",
+    "run_rl_probe": "rl_probe",
 }
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
     "PRESETS",
     "PaperLayout",
     "ParallelLayout",
+    "RLProbeConfig",
     "check_world",
     "compare_presets",
     "dryrun",
@@ -54,6 +57,7 @@ __all__ = [
     "paper_pretrain",
     "preset_tasks",
     "pretrain_task",
+    "run_rl_probe",
     "shaping_config",
     "slurm_executor",
     "tiny_midtrain",

@@ -8,6 +8,7 @@
     python -m run_configs midtrain --recipe tiny --init-from CKPT --preset precision --nproc 2 tp=2
     python -m run_configs compare --data-dir outputs/main/corpus --out outputs/compare --steps 200
     python -m run_configs compare --presets ce precision --seeds 3 --out outputs/compare3
+    python -m run_configs rl-probe --compare-dir outputs/compare --data-dir outputs/main/corpus
     python -m run_configs report outputs/compare/ce outputs/compare/precision --out DIR
     python -m run_configs recipes
 
@@ -94,6 +95,9 @@ def _precheck(args: argparse.Namespace) -> None:
                 "--seeds 1 (each preset once, the default) or more (--seeds 3: a mean and a 95% "
                 "interval over seeds for every metric)"
             )
+        if args.rl_probe:
+            _require_trl()
+            _rl_config(args)  # refuses bad settings before the comparison's runs
         found = _earlier_comparison(args)
         if found and not args.overwrite and not args.dryrun:
             raise ValueError(
@@ -101,6 +105,9 @@ def _precheck(args: argparse.Namespace) -> None:
                 f"({', '.join(p.name for p in found)}); pass --overwrite to remove it and start "
                 "clean, or choose another --out"
             )
+        return
+    if args.command == "rl-probe":
+        _precheck_rl_probe(args)
         return
     if args.command not in ("pretrain", "midtrain"):
         return
@@ -152,6 +159,69 @@ def _precheck(args: argparse.Namespace) -> None:
                 f"{os.getcwd()} is not inside a git checkout: run from the repository, or pass "
                 "--packager none when the container image has the code"
             )
+
+
+def _precheck_rl_probe(args: argparse.Namespace) -> None:
+    """The RL probe's checks before anything slow: TRL, the folders, the settings."""
+    _require_trl()
+    if not Path(args.compare_dir).is_dir():
+        raise ValueError(
+            f"--compare-dir {args.compare_dir} does not exist: run `python -m run_configs "
+            f"compare --out {args.compare_dir}` first"
+        )
+    if not (Path(args.data_dir) / "manifest.json").is_file():
+        raise ValueError(
+            f"--data-dir {args.data_dir} holds no built corpus (manifest.json): pass the corpus "
+            "the comparison was trained on (make demo builds outputs/main/corpus)"
+        )
+    _rl_config(args)  # refuses bad settings
+
+
+def _require_trl() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("trl") is None:
+        raise ValueError(
+            "the RL probe needs TRL, which is not installed: pip install -e '.[rl]' (the "
+            "project's rl extra; tools/bootstrap.sh installs it)"
+        )
+
+
+def _rl_config(args: argparse.Namespace) -> Any:
+    from run_configs.rl_probe import RLProbeConfig
+
+    return RLProbeConfig(
+        train_prompts=args.prompts,
+        eval_prompts=args.eval_prompts,
+        steps=args.rl_steps,
+        prompts_per_step=args.prompts_per_step,
+        num_generations=args.generations,
+        learning_rate=args.rl_lr,
+        eval_samples=args.samples,
+        seed=args.rl_seed,
+    )
+
+
+def _rl_probe(args: argparse.Namespace) -> int:
+    from run_configs.names import PRESETS
+    from run_configs.rl_probe import run_rl_probe
+
+    presets = args.presets or [p for p in PRESETS if (Path(args.compare_dir) / p).is_dir()]
+    if not presets:
+        raise ValueError(
+            f"--compare-dir {args.compare_dir} holds no preset run ({', '.join(PRESETS)}): run "
+            f"`python -m run_configs compare --out {args.compare_dir}` first"
+        )
+    report = run_rl_probe(
+        args.compare_dir,
+        args.data_dir,
+        presets=presets,
+        config=_rl_config(args),
+        out_dir=args.rl_out,
+    )
+    print(report.markdown.read_text())
+    print(f"RL probe report: {report.markdown}, {report.plot}")
+    return 0
 
 
 def _continued_preset(args: argparse.Namespace) -> str:
@@ -330,6 +400,9 @@ def _compare(args: argparse.Namespace) -> int:
         return 1
     print((Path(args.out) / "report.md").read_text())
     print(f"report: {Path(args.out) / 'report.md'}, {Path(args.out) / 'report.png'}")
+    if args.rl_probe:
+        args.compare_dir, args.rl_out = args.out, None
+        return _rl_probe(args)
     return 0
 
 
@@ -340,7 +413,11 @@ def _earlier_comparison(args: argparse.Namespace) -> list[Path]:
 
     return [
         p
-        for p in [*(out / name for name in PRESETS), *(out / f"report.{e}" for e in _REPORT_EXT)]
+        for p in [
+            *(out / name for name in PRESETS),
+            *(out / f"report.{e}" for e in _REPORT_EXT),
+            out / "rl_probe",
+        ]
         if p.exists()
     ]
 
@@ -493,7 +570,30 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--tail-logs", action="store_true")
     c.add_argument("--dryrun", action="store_true")
     c.add_argument("--nemorun-home")
+    c.add_argument(
+        "--rl-probe",
+        action="store_true",
+        help="then run the RL probe on the runs (rl-probe; its options below)",
+    )
+    _rl_options(c)
     c.set_defaults(func=_compare)
+
+    q = sub.add_parser(
+        "rl-probe",
+        help="GRPO (TRL) from each preset's exported checkpoint of a comparison, before/after",
+        description="Export every run of a comparison to Hugging Face format and give each the "
+        "same short GRPO run on next-word completion of the corpus (run_configs/rl_probe.py); "
+        "report reward, pass@1, pass@8 and the policy entropy before, during and after RL per "
+        "preset, over seeds.",
+    )
+    q.add_argument("--compare-dir", default="outputs/compare", help="compare's --out")
+    q.add_argument("--data-dir", default=_CORPUS_DIR, help="the comparison's corpus")
+    q.add_argument(
+        "--presets", nargs="+", choices=PRESETS, help="default: every preset in --compare-dir"
+    )
+    q.add_argument("--out", dest="rl_out", help="report folder (default <compare-dir>/rl_probe)")
+    _rl_options(q)
+    q.set_defaults(func=_rl_probe)
 
     r = sub.add_parser("report", help="table and plot from runs' metrics.jsonl")
     r.add_argument(
@@ -504,6 +604,22 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("recipes", help="list the recipes and their layouts").set_defaults(func=_recipes)
     return p
+
+
+def _rl_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("RL probe")
+    g.add_argument("--rl-steps", type=int, default=40, help="GRPO steps (%(default)s)")
+    g.add_argument("--prompts", type=int, default=64, help="GRPO prompts (%(default)s)")
+    g.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts (%(default)s)")
+    g.add_argument(
+        "--prompts-per-step", type=int, default=4, help="GRPO prompts per step (%(default)s)"
+    )
+    g.add_argument("--generations", type=int, default=8, help="GRPO group size (%(default)s)")
+    g.add_argument("--rl-lr", type=float, default=1e-3, help="GRPO learning rate (%(default)s)")
+    g.add_argument(
+        "--samples", type=int, default=16, help="samples per held-out prompt (%(default)s)"
+    )
+    g.add_argument("--rl-seed", type=int, default=0, help="prompts and sampling (%(default)s)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

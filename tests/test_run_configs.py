@@ -616,6 +616,10 @@ def test_slurm_dryrun_of_midtrain_from_an_import(shared_dir, capsys):
             "it is a Hugging Face model directory: import it first with "
             + "`python tools/import_hf.py --hf {tmp}/hf --out CKPT`",
         ),
+        (
+            ["rl-probe", "--compare-dir", "{tmp}/cmp", "--data-dir", "{tmp}/runs"],
+            "--data-dir {tmp}/runs holds no built corpus (manifest.json)",
+        ),
     ],
     ids=[
         "paper-needs-data",
@@ -625,6 +629,7 @@ def test_slurm_dryrun_of_midtrain_from_an_import(shared_dir, capsys):
         "compare",
         "load-and-init-from",
         "init-from-hf-dir",
+        "rl-probe",
     ],
 )
 def test_launcher_refuses_before_importing_nemo_run(tmp_path, argv, message):

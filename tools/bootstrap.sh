@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create (or refresh) the project's Python 3.12 virtual environment in .venv and install the
-# project with its test tools. Safe to run again: it reinstalls only when pyproject.toml changed.
+# project with its test tools and the rl extra (TRL, for the RL probe and its tests). Safe to run
+# again: it reinstalls only when pyproject.toml changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,6 +30,6 @@ want=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "[bootstrap] installing megatron_ext and its dependencies (first run downloads torch, a few GB)"
     .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e ".[test]"
+    .venv/bin/python -m pip install -q -e ".[test,rl]"
     echo "$want" > "$stamp"
 fi

@@ -289,6 +289,44 @@ def _adam_step_kept_on_load(optimizer: MegatronOptimizer) -> Iterator[None]:
             del sub._set_main_param_and_optimizer_states  # the class's method again
 
 
+# megatron-core 0.19.2 gives the experts' parameters an optimizer of their own (the second of the
+# ChainedOptimizer, reducing over the expert-data-parallel group) only when they are split
+# (EP > 1: megatron marks them allreduce=False); at EP=1 they are in the dense optimizer's groups.
+# The model-space formats key Adam's tensors by parameter, whatever the optimizer, but the common
+# state comes back as saved: the chain's nesting (one optimizer's state as it is, or {0: dense,
+# 1: experts}) and each optimizer's param groups (which DistributedOptimizer.load_state_dict
+# matches by param_group_identifier_keys, is_expert_parallel among them). So between EP=1 and EP>1
+# ChainedOptimizer.load_state_dict fails ("Expected 2 entries in state dict, but got 4"), and
+# would then miss the param groups: give every optimizer of this run the saved groups (the same
+# hyperparameters and step in all, the ChainedOptimizer keeping the steps in sync), marked as its
+# own, with the tensors loaded for it.
+def _optimizer_state_regrouped(state: dict[Any, Any], optimizer: MegatronOptimizer) -> Any:
+    """The loaded distributed-optimizer `state` in the shape of this run's `optimizer`."""
+    subs = list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+    def unnested(entry: dict[Any, Any]) -> dict[Any, Any]:
+        return {k: v for k, v in entry.items() if not isinstance(k, int)}
+
+    indexed = sorted(key for key in state if isinstance(key, int))
+    saved = [unnested(e) for e in (state, *(state[k] for k in indexed)) if "optimizer" in e]
+    if len(saved) == len(subs):
+        return state
+    loaded = [state[i] for i in range(len(subs))] if len(subs) > 1 else [unnested(state)]
+    groups = [group for entry in saved for group in entry["optimizer"]["param_groups"]]
+    regrouped = []
+    for sub, tensors in zip(subs, loaded, strict=True):
+        expert = sub.optimizer.param_groups[0]["is_expert_parallel"]
+        own_groups = [{**group, "is_expert_parallel": expert} for group in groups]
+        regrouped.append(
+            {
+                **saved[0],
+                "optimizer": {**saved[0]["optimizer"], "param_groups": own_groups},
+                "param_state": tensors["param_state"],
+            }
+        )
+    return regrouped[0] if len(subs) == 1 else dict(enumerate(regrouped))
+
+
 def _in_process_writer_queue() -> None:
     """dist_checkpointing's torch_dist writer returns the results of its writer threads through a
     `multiprocessing.Manager().Queue()`, made for asynchronous saves run in another process. Our
@@ -548,10 +586,13 @@ def load_checkpoint(
     for key, chunk in zip(_model_keys(len(chunks)), chunks, strict=True):
         unwrap_model(chunk).load_state_dict(loaded[key])
     if load_optimizer:
+        optimizer_state = loaded["optimizer"]
+        if distributed_optimizer and optim_format in _MODEL_SPACE_FORMATS:
+            optimizer_state = _optimizer_state_regrouped(optimizer_state, optimizer)
         # no_grad: with fp32 parameters the distributed optimizer's main params are views of the
         # model's leaf parameters, which megatron's loaders copy into in place.
         with torch.no_grad(), _adam_step_kept_on_load(optimizer):
-            optimizer.load_state_dict(loaded["optimizer"])
+            optimizer.load_state_dict(optimizer_state)
         if distributed_optimizer:
             _restore_distributed_adam_steps(optimizer)
         scheduler.load_state_dict(loaded["scheduler"])

@@ -654,6 +654,18 @@ def test_old_dp_reshardable_checkpoints_resume_at_their_own_layout(pool2, distop
     ):
         assert part in message, (part, message)
     assert all(o["calls"]["train_step"] == 0 for o in outcomes)
+    # The experts get an optimizer of their own at EP > 1: the format's keys change with EP too.
+    moe_old = str(tmp_path / "moe_old")
+    moe = dataclasses.replace(
+        config,
+        model=model_preset("tiny_moe"),
+        train_steps=1,
+        checkpoint=dataclasses.replace(old_format, save_dir=moe_old, save_interval=1),
+    )
+    pool2.run(w.train, moe)
+    outcomes = pool2.run(pretrain_outcome, _distopt_resume(moe, moe_old, step=1, expert=2))
+    assert [o["error"] for o in outcomes] == ["CheckpointError"] * 2, outcomes
+    assert "tensor=1, expert=1 (this run: pipeline=1, tensor=1, expert=2" in outcomes[0]["message"]
 
 
 # -- exact resume ------------------------------------------------------------------------------

@@ -448,10 +448,11 @@ def _prune(root: Path, keep_last: int, keep: Path) -> None:
 
 
 def _check_optimizer_compatible(
-    saved: dict, distributed_optimizer: bool, optim_format: str, path: Path
+    saved: dict, distributed_optimizer: bool, optim_format: str, path: Path, saved_ep: int = 1
 ) -> None:
     """Optimizer state loads only into the same kind of optimizer, and a distributed optimizer's
-    saved in the old dp_reshardable format only at the same TP and PP sizes; say so instead of
+    saved in the old dp_reshardable format only at the same TP, PP and EP sizes (its keys name
+    the optimizers of the chain, which EP=1 and EP > 1 group differently); say so instead of
     failing deep inside megatron."""
     saved_dist = bool(saved.get("distributed_optimizer", False))
     if saved_dist != distributed_optimizer:
@@ -463,17 +464,22 @@ def _check_optimizer_compatible(
         )
     saved_pp, saved_tp, _ = saved["layout"]
     pp, tp, _ = _layout()
+    ep = parallel_state.get_expert_model_parallel_world_size()
     if (
         distributed_optimizer
         and optim_format not in _MODEL_SPACE_FORMATS
-        and (saved_pp, saved_tp) != (pp, tp)
+        and (saved_pp, saved_tp, saved_ep) != (pp, tp, ep)
     ):
+        expert, this_expert = (
+            (f", expert={saved_ep}", f", expert={ep}") if (saved_ep, ep) != (1, 1) else ("", "")
+        )
         raise CheckpointError(
             f"checkpoint {path} holds distributed-optimizer state in megatron's "
             f"{optim_format!r} format (checkpoint.optimizer_format, or an earlier megatron_ext), "
             f"which resumes only at the sizes it was saved with: pipeline={saved_pp}, "
-            f"tensor={saved_tp} (this run: pipeline={pp}, tensor={tp}; the data-parallel size may "
-            f"change). Resume it once at pipeline={saved_pp}, tensor={saved_tp} with "
+            f"tensor={saved_tp}{expert} (this run: pipeline={pp}, tensor={tp}"
+            f"{this_expert}; the data-parallel size may change). Resume it "
+            f"once at pipeline={saved_pp}, tensor={saved_tp}{expert} with "
             f"checkpoint.optimizer_format={DISTRIB_OPTIM_FORMAT!r} (the default): the checkpoints "
             "that run saves load at any layout; or load the weights "
             f"only (checkpoint.load_optimizer=False, with checkpoint.load_dir={path.parent} and "
@@ -569,7 +575,9 @@ def load_checkpoint(
         # without one, the format megatron_ext saved first)
         optim_format = _saved_optimizer_format(common) or "dp_reshardable"
     if load_optimizer:
-        _check_optimizer_compatible(saved, distributed_optimizer, optim_format, path)
+        saved_parallel = (common.get("extra") or {}).get("config", {}).get("parallel") or {}
+        saved_ep = int(saved_parallel.get("expert", 1))
+        _check_optimizer_compatible(saved, distributed_optimizer, optim_format, path, saved_ep)
     want_rng = load_optimizer and same_layout
     if load_optimizer and distributed_optimizer:
         _materialize_distributed_adam_state(optimizer)

@@ -619,8 +619,9 @@ def test_megatron_still_needs_the_adam_step_workaround(pool2, distopt_tp1):
 def test_old_dp_reshardable_checkpoints_resume_at_their_own_layout(pool2, distopt_tp1, tmp_path):
     """A checkpoint in the 'dp_reshardable' format (checkpoint.optimizer_format; what
     megatron_ext saved before; the format is read from the checkpoint) still resumes at its TP/PP
-    sizes, exactly, and that run's checkpoints are 'fully_reshardable'; at TP=2 it is refused on every rank, naming the format, its sizes
-    and the fixes, before any step."""
+    sizes, exactly, and that run's checkpoints are 'fully_reshardable'; at TP=2 it is refused on
+    every rank, naming the format, its sizes and the fixes, before any step, and so is an MoE
+    one saved at EP=1 resumed at EP=2."""
     from megatron.core import dist_checkpointing
 
     from megatron_ext.training.checkpoint import _saved_optimizer_format, checkpoint_dir

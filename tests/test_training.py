@@ -619,8 +619,9 @@ def test_megatron_still_needs_the_adam_step_workaround(pool2, distopt_tp1):
 def test_old_dp_reshardable_checkpoints_resume_at_their_own_layout(pool2, distopt_tp1, tmp_path):
     """A checkpoint in the 'dp_reshardable' format (checkpoint.optimizer_format; what
     megatron_ext saved before; the format is read from the checkpoint) still resumes at its TP/PP
-    sizes, exactly, and that run's checkpoints are 'fully_reshardable'; at TP=2 it is refused on every rank, naming the format, its sizes
-    and the fixes, before any step."""
+    sizes, exactly, and that run's checkpoints are 'fully_reshardable'; at TP=2 it is refused on
+    every rank, naming the format, its sizes and the fixes, before any step, and so is an MoE
+    one saved at EP=1 resumed at EP=2."""
     from megatron.core import dist_checkpointing
 
     from megatron_ext.training.checkpoint import _saved_optimizer_format, checkpoint_dir
@@ -654,6 +655,18 @@ def test_old_dp_reshardable_checkpoints_resume_at_their_own_layout(pool2, distop
     ):
         assert part in message, (part, message)
     assert all(o["calls"]["train_step"] == 0 for o in outcomes)
+    # The experts get an optimizer of their own at EP > 1: the format's keys change with EP too.
+    moe_old = str(tmp_path / "moe_old")
+    moe = dataclasses.replace(
+        config,
+        model=model_preset("tiny_moe"),
+        train_steps=1,
+        checkpoint=dataclasses.replace(old_format, save_dir=moe_old, save_interval=1),
+    )
+    pool2.run(w.train, moe)
+    outcomes = pool2.run(pretrain_outcome, _distopt_resume(moe, moe_old, step=1, expert=2))
+    assert [o["error"] for o in outcomes] == ["CheckpointError"] * 2, outcomes
+    assert "tensor=1, expert=1 (this run: pipeline=1, tensor=1, expert=2" in outcomes[0]["message"]
 
 
 # -- exact resume ------------------------------------------------------------------------------
@@ -702,6 +715,38 @@ def test_resume_continues_exactly(pool2, data_prefix, tmp_path, model, parallel)
     # The learning-rate schedule continued (warmup 2 steps, stable, decay over the last 3).
     lrs = [x["lr"] for x in full[0]["records"]]
     assert lrs[0] == 0.0 and lrs[2] == pytest.approx(3e-3) and lrs[-1] < lrs[3]
+    if model == "tiny_moe":
+        _check_resumes_across_expert_parallel_sizes(pool2, full_config, full[0], tmp_path)
+
+
+def _check_resumes_across_expert_parallel_sizes(
+    pool2, config: TrainConfig, reference: dict, tmp_path
+) -> None:
+    """The EP=2 distributed-optimizer checkpoint of step 3 resumed at EP=1 (the experts then in
+    the dense parameters' optimizer, not one of their own) reproduces the EP=2 run's steps 4-6
+    within the invariance tolerance, and that run's step-4 checkpoint resumed at EP=2 again its
+    steps 5-6: each second step after a resume matches only with Adam's moments carried over."""
+    ref_losses = _losses(reference)
+    ref_gnorms = [r["grad_norm"] for r in reference["records"]]
+    at_ep1 = str(tmp_path / "ep1")
+    for load_dir, step, expert, save_dir in (
+        (tmp_path / "full", 3, 1, at_ep1),
+        (at_ep1, 4, 2, None),
+    ):
+        checkpoint = CheckpointConfig(
+            load_dir=str(load_dir),
+            load_step=step,
+            save_dir=save_dir,
+            save_interval=4 if save_dir else 0,  # (steps 4 and 6)
+        )
+        parallel = ParallelConfig(expert=expert, distributed_optimizer=True)
+        run = dataclasses.replace(config, parallel=parallel, checkpoint=checkpoint)
+        result = pool2.run(w.train, run)[0]
+        assert result["start_step"] == step, expert
+        losses = _losses(result)
+        assert losses == pytest.approx(ref_losses[step:], abs=INVARIANCE_TOL), (expert, losses)
+        gnorms = [r["grad_norm"] for r in result["records"]]
+        assert gnorms == pytest.approx(ref_gnorms[step:], rel=1e-4), (expert, gnorms)
 
 
 # -- metrics output ----------------------------------------------------------------------------

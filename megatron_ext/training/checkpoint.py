@@ -289,6 +289,44 @@ def _adam_step_kept_on_load(optimizer: MegatronOptimizer) -> Iterator[None]:
             del sub._set_main_param_and_optimizer_states  # the class's method again
 
 
+# megatron-core 0.19.2 gives the experts' parameters an optimizer of their own (the second of the
+# ChainedOptimizer, reducing over the expert-data-parallel group) only when they are split
+# (EP > 1: megatron marks them allreduce=False); at EP=1 they are in the dense optimizer's groups.
+# The model-space formats key Adam's tensors by parameter, whatever the optimizer, but the common
+# state comes back as saved: the chain's nesting (one optimizer's state as it is, or {0: dense,
+# 1: experts}) and each optimizer's param groups (which DistributedOptimizer.load_state_dict
+# matches by param_group_identifier_keys, is_expert_parallel among them). So between EP=1 and EP>1
+# ChainedOptimizer.load_state_dict fails ("Expected 2 entries in state dict, but got 4"), and
+# would then miss the param groups: give every optimizer of this run the saved groups (the same
+# hyperparameters and step in all, the ChainedOptimizer keeping the steps in sync), marked as its
+# own, with the tensors loaded for it.
+def _optimizer_state_regrouped(state: dict[Any, Any], optimizer: MegatronOptimizer) -> Any:
+    """The loaded distributed-optimizer `state` in the shape of this run's `optimizer`."""
+    subs = list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+    def unnested(entry: dict[Any, Any]) -> dict[Any, Any]:
+        return {k: v for k, v in entry.items() if not isinstance(k, int)}
+
+    indexed = sorted(key for key in state if isinstance(key, int))
+    saved = [unnested(e) for e in (state, *(state[k] for k in indexed)) if "optimizer" in e]
+    if len(saved) == len(subs):
+        return state
+    loaded = [state[i] for i in range(len(subs))] if len(subs) > 1 else [unnested(state)]
+    groups = [group for entry in saved for group in entry["optimizer"]["param_groups"]]
+    regrouped = []
+    for sub, tensors in zip(subs, loaded, strict=True):
+        expert = sub.optimizer.param_groups[0]["is_expert_parallel"]
+        own_groups = [{**group, "is_expert_parallel": expert} for group in groups]
+        regrouped.append(
+            {
+                **saved[0],
+                "optimizer": {**saved[0]["optimizer"], "param_groups": own_groups},
+                "param_state": tensors["param_state"],
+            }
+        )
+    return regrouped[0] if len(subs) == 1 else dict(enumerate(regrouped))
+
+
 def _in_process_writer_queue() -> None:
     """dist_checkpointing's torch_dist writer returns the results of its writer threads through a
     `multiprocessing.Manager().Queue()`, made for asynchronous saves run in another process. Our
@@ -410,10 +448,11 @@ def _prune(root: Path, keep_last: int, keep: Path) -> None:
 
 
 def _check_optimizer_compatible(
-    saved: dict, distributed_optimizer: bool, optim_format: str, path: Path
+    saved: dict, distributed_optimizer: bool, optim_format: str, path: Path, saved_ep: int = 1
 ) -> None:
     """Optimizer state loads only into the same kind of optimizer, and a distributed optimizer's
-    saved in the old dp_reshardable format only at the same TP and PP sizes; say so instead of
+    saved in the old dp_reshardable format only at the same TP, PP and EP sizes (its keys name
+    the optimizers of the chain, which EP=1 and EP > 1 group differently); say so instead of
     failing deep inside megatron."""
     saved_dist = bool(saved.get("distributed_optimizer", False))
     if saved_dist != distributed_optimizer:
@@ -425,17 +464,22 @@ def _check_optimizer_compatible(
         )
     saved_pp, saved_tp, _ = saved["layout"]
     pp, tp, _ = _layout()
+    ep = parallel_state.get_expert_model_parallel_world_size()
     if (
         distributed_optimizer
         and optim_format not in _MODEL_SPACE_FORMATS
-        and (saved_pp, saved_tp) != (pp, tp)
+        and (saved_pp, saved_tp, saved_ep) != (pp, tp, ep)
     ):
+        expert, this_expert = (
+            (f", expert={saved_ep}", f", expert={ep}") if (saved_ep, ep) != (1, 1) else ("", "")
+        )
         raise CheckpointError(
             f"checkpoint {path} holds distributed-optimizer state in megatron's "
             f"{optim_format!r} format (checkpoint.optimizer_format, or an earlier megatron_ext), "
             f"which resumes only at the sizes it was saved with: pipeline={saved_pp}, "
-            f"tensor={saved_tp} (this run: pipeline={pp}, tensor={tp}; the data-parallel size may "
-            f"change). Resume it once at pipeline={saved_pp}, tensor={saved_tp} with "
+            f"tensor={saved_tp}{expert} (this run: pipeline={pp}, tensor={tp}"
+            f"{this_expert}; the data-parallel size may change). Resume it "
+            f"once at pipeline={saved_pp}, tensor={saved_tp}{expert} with "
             f"checkpoint.optimizer_format={DISTRIB_OPTIM_FORMAT!r} (the default): the checkpoints "
             "that run saves load at any layout; or load the weights "
             f"only (checkpoint.load_optimizer=False, with checkpoint.load_dir={path.parent} and "
@@ -531,7 +575,9 @@ def load_checkpoint(
         # without one, the format megatron_ext saved first)
         optim_format = _saved_optimizer_format(common) or "dp_reshardable"
     if load_optimizer:
-        _check_optimizer_compatible(saved, distributed_optimizer, optim_format, path)
+        saved_parallel = (common.get("extra") or {}).get("config", {}).get("parallel") or {}
+        saved_ep = int(saved_parallel.get("expert", 1))
+        _check_optimizer_compatible(saved, distributed_optimizer, optim_format, path, saved_ep)
     want_rng = load_optimizer and same_layout
     if load_optimizer and distributed_optimizer:
         _materialize_distributed_adam_state(optimizer)
@@ -548,10 +594,13 @@ def load_checkpoint(
     for key, chunk in zip(_model_keys(len(chunks)), chunks, strict=True):
         unwrap_model(chunk).load_state_dict(loaded[key])
     if load_optimizer:
+        optimizer_state = loaded["optimizer"]
+        if distributed_optimizer and optim_format in _MODEL_SPACE_FORMATS:
+            optimizer_state = _optimizer_state_regrouped(optimizer_state, optimizer)
         # no_grad: with fp32 parameters the distributed optimizer's main params are views of the
         # model's leaf parameters, which megatron's loaders copy into in place.
         with torch.no_grad(), _adam_step_kept_on_load(optimizer):
-            optimizer.load_state_dict(loaded["optimizer"])
+            optimizer.load_state_dict(optimizer_state)
         if distributed_optimizer:
             _restore_distributed_adam_steps(optimizer)
         scheduler.load_state_dict(loaded["scheduler"])

@@ -271,7 +271,7 @@ class CheckpointConfig:
     checkpoint and return; needs save_dir."""
     optimizer_format: str = "fully_reshardable"
     """How the distributed optimizer's state is saved (megatron's distrib_optim_sharding_type):
-    "fully_reshardable" resumes at any TP/PP/DP layout, but a save or load holds one TP/PP
+    "fully_reshardable" resumes at any TP/PP/DP/EP layout, but a save or load holds one TP/PP
     shard's optimizer state (12 bytes a parameter) in host memory on every rank for a moment;
     "dp_reshardable" (megatron-training's default) holds only the rank's own part and resumes
     at another DP size only."""

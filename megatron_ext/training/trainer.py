@@ -63,7 +63,13 @@ from megatron_ext.training.checkpoint import (
     save_checkpoint,
 )
 from megatron_ext.training.config import ConfigError, TrainConfig, config_to_dict
-from megatron_ext.training.data import BatchPlan, MicroBatch, build_datasets
+from megatron_ext.training.data import (
+    BatchLoader,
+    BatchPlan,
+    LoaderSettings,
+    MicroBatch,
+    build_datasets,
+)
 from megatron_ext.training.device import resolve_device
 from megatron_ext.training.metrics import LOSS_SUM_FIELDS, MetricsWriter, sums_to_metrics
 from megatron_ext.training.start import StartPlan, apply_start_plan, plan_start
@@ -269,6 +275,8 @@ def context_parallel_shard(x: torch.Tensor, cp_size: int, cp_rank: int) -> torch
 def _forward_step(data_iterator, model: torch.nn.Module):
     batch: MicroBatch = next(data_iterator)
     tokens, positions, loss_mask = batch.tokens, batch.position_ids, batch.loss_mask  # [b, s]
+    if batch.labels is None:  # a stage between the first and the last: its input comes by p2p
+        return model(None, None, None), partial(_loss_func, None, None, False)
     labels = batch.labels.masked_fill(loss_mask == 0, IGNORE_INDEX)  # [b, s]
     cp_size = parallel_state.get_context_parallel_world_size()
     if cp_size > 1:
@@ -434,6 +442,12 @@ class Trainer:
             dp_rank=parallel_state.get_data_parallel_rank(),
             dp_size=parallel_state.get_data_parallel_world_size(),
         )
+        # megatron's convention: only the first and last pipeline stages read their input.
+        self.reads_data = parallel_state.is_pipeline_first_stage(
+            ignore_virtual=True
+        ) or parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        self.loader_settings = LoaderSettings.resolve(cfg.data, self.device)
+        self._valid_loader: BatchLoader | None = None
         self.writer: MetricsWriter | None = None  # opened by run(), after the start plan
 
     # -- one step ---------------------------------------------------------------------------
@@ -577,11 +591,15 @@ class Trainer:
             chunk.eval()
         self._set_loss_stats(True)
         total = torch.zeros(len(LOSS_SUM_FIELDS), dtype=torch.float64)
+        if self._valid_loader is None:
+            self._valid_loader = self.batch_loader(
+                self.valid_data,
+                0,
+                self.config.eval_iters * self.config.global_batch_size,
+                "validation",
+            )
         with torch.no_grad():
-            for i in range(self.config.eval_iters):
-                batches = self.plan.micro_batches(
-                    self.valid_data, i * self.config.global_batch_size, self.device
-                )
+            for batches in self._valid_loader:
                 sums = self._run_schedule(batches, forward_only=True)
                 dist.all_reduce(sums)
                 total += sums.cpu()
@@ -590,6 +608,28 @@ class Trainer:
         return sums_to_metrics(total, prefix="val_")
 
     # -- the run ----------------------------------------------------------------------------
+
+    def batch_loader(
+        self, dataset: Any, consumed_samples: int, total_samples: int, name: str = "training"
+    ) -> BatchLoader:
+        """This rank's global batches of `dataset` from `consumed_samples` on, read as
+        `config.data` says (nothing is read on the pipeline stages between the first and last)."""
+        return BatchLoader(
+            dataset,
+            self.plan,
+            consumed_samples=consumed_samples,
+            total_samples=total_samples,
+            device=self.device,
+            settings=self.loader_settings,
+            reads=self.reads_data,
+            name=name,
+        )
+
+    def close_loaders(self) -> None:
+        """Stop the validation loader's worker processes (trainer_session calls it)."""
+        if self._valid_loader is not None:
+            self._valid_loader.close()
+            self._valid_loader = None
 
     def _resume(self) -> tuple[int, int]:
         """Carry out the start plan: remove what it says is stale (rank 0), then load its
@@ -636,7 +676,11 @@ class Trainer:
         local = {
             "indices": [i for b in batches for i in b.sample_indices],
             "crc32": zlib.crc32(
-                b"".join(b.tokens.cpu().numpy().astype("<i8").tobytes() for b in batches)
+                b"".join(
+                    b.tokens.cpu().numpy().astype("<i8").tobytes()
+                    for b in batches
+                    if b.tokens is not None
+                )
             ),
         }
         gathered: list[Any] = [None] * parallel_state.get_data_parallel_world_size()
@@ -674,10 +718,14 @@ class Trainer:
         consecutive_skips = 0
         for chunk in self.model:
             chunk.train()
+        loader = self.batch_loader(
+            self.train_data, consumed, cfg.train_steps * cfg.global_batch_size
+        )
+        train_batches = iter(loader)
         try:
             while step < cfg.train_steps:
                 t0 = time.perf_counter()
-                batches = self.plan.micro_batches(self.train_data, consumed, self.device)
+                batches = next(train_batches)
                 lr = self.optimizer.param_groups[0]["lr"]
                 last = step + 1 == cfg.train_steps
                 logged = (step + 1) % cfg.logging.log_interval == 0 or last
@@ -741,6 +789,7 @@ class Trainer:
                         print(f"SIGTERM: stopped after step {step} ({where})", flush=True)
                     break
         finally:
+            loader.close()
             self.writer.close()
             if samples_log is not None:
                 samples_log.close()
@@ -831,6 +880,7 @@ def trainer_session(config: TrainConfig) -> Iterator[Trainer]:
             yield trainer
     finally:
         if trainer is not None:
+            trainer.close_loaders()
             _release_model(trainer.model)
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()

@@ -275,12 +275,12 @@ class BatchLoader:
 
     def _failure(self, consumed: int, exc: Exception) -> DataError:
         where = "a data-loader worker" if self.loader and self.loader.num_workers else "reading"
+        indices = [i for m in self.plan.sample_indices(consumed) for i in m]
         return DataError(
-            f"{where} failed on the {self.name} batch at consumed_samples={consumed} "
-            f"(samples {self.plan.sample_indices(consumed)[0][0]}..): "
-            f"{type(exc).__name__}: {exc}".rstrip()
-            + "\nRerun with data.num_workers=0 (--num-workers 0) to read in the training "
-            "process and see the error where it happens"
+            f"{where} failed while the {self.name} batch at consumed_samples={consumed} was read "
+            f"(this rank's samples {indices[0]}..{indices[-1]}): {type(exc).__name__}: {exc}"
+            "\nRerun with data.num_workers=0 (--num-workers 0) to read in the training process "
+            "and see the error where it happens"
         )
 
     def close(self) -> None:

@@ -701,7 +701,7 @@ def test_resume_continues_exactly(pool2, data_prefix, tmp_path, model, parallel)
     )
     resumed = pool2.run(w.train_and_count_children, resumed_config)
     assert [r["children"] for r in resumed] == [[], []]  # the workers were shut down
-    audit = [json.loads(x) for x in (tmp_path / "logs" / "samples.jsonl").read_text().split()]
+    audit = [json.loads(x) for x in (tmp_path / "logs" / "samples.jsonl").read_text().splitlines()]
     assert [a["step"] for a in audit] == [4, 5, 6]
     for rank, (f, r) in enumerate(zip(full, resumed)):
         assert r["start_step"] == 3 and r["final_step"] == 6

@@ -171,12 +171,6 @@ class PlanSampler(torch.utils.data.Sampler[list[int]]):
     training order (`BatchPlan.sample_indices` of each global batch in turn)."""
 
     def __init__(self, plan: BatchPlan, consumed_samples: int, total_samples: int) -> None:
-        gbs = plan.global_batch_size
-        if consumed_samples % gbs:
-            raise ValueError(
-                f"consumed_samples={consumed_samples} is not a multiple of the global batch size "
-                f"{gbs}: the checkpoint was written by a run with another global_batch_size"
-            )
         self.plan = plan
         self.consumed_samples = consumed_samples
         self.total_samples = total_samples

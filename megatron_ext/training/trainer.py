@@ -719,7 +719,7 @@ class Trainer:
         for chunk in self.model:
             chunk.train()
         loader = self.batch_loader(
-            self.train_data, consumed, cfg.train_steps * cfg.global_batch_size
+            self.train_data, consumed, consumed + (cfg.train_steps - step) * cfg.global_batch_size
         )
         train_batches = iter(loader)
         try:

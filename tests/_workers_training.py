@@ -99,3 +99,13 @@ def train_without_adam_step_workaround(config) -> str | None:
         except KeyError as exc:
             return f"KeyError: {exc}"
     return None
+
+
+def train_and_count_children(config) -> dict[str, Any]:
+    """As `train`, plus the child processes (data-loader workers) this rank has left once the
+    run returned."""
+    import multiprocessing
+
+    result = train(config)
+    result["children"] = [p.pid for p in multiprocessing.active_children()]
+    return result

@@ -96,7 +96,9 @@ class WorkerPool:
             ctx.Process(
                 target=_worker_main,
                 args=(r, self.world_size, port, self._tasks[r], self._results),
-                daemon=True,
+                # Not daemonic: a rank starts data-loader worker processes of its own, as under
+                # torchrun (shutdown_pools stops the pool at exit).
+                daemon=False,
             )
             for r in range(self.world_size)
         ]

@@ -6,11 +6,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import re
+import signal
 
 import pytest
 import torch
 import torch.distributed as dist
 
+from megatron_ext.data.errors import DataError
 from megatron_ext.loss import RewardShapingConfig
 from megatron_ext.models import model_preset
 from megatron_ext.training import (
@@ -26,6 +30,7 @@ from megatron_ext.training import (
     pretrain,
 )
 from megatron_ext.training.cli import config_from_args, parse_args
+from megatron_ext.training.data import LoaderSettings
 from megatron_ext.training.synthetic import write_synthetic_dataset
 from tests import _workers_training as w
 from tests.tiny_run import run_training_cli, tiny_run_config
@@ -308,10 +313,12 @@ def test_cli_flags_override_the_file(tmp_path, data_prefix):
             "optimizer.wsd_decay_steps=2",
             "--device",
             "cpu",
+            "--num-workers",
+            "3",
         ]
     )
     config = config_from_args(args)
-    assert config.device == "cpu"
+    assert config.device == "cpu" and config.data.num_workers == 3
     assert config.train_steps == 5 and config.parallel.tensor == 2
     assert config.shaping.beta == -0.25
     assert config.model.rope_base == 1e6 and config.model.name == "tiny"
@@ -682,6 +689,9 @@ def test_old_dp_reshardable_checkpoints_resume_at_their_own_layout(pool2, distop
 )
 def test_resume_continues_exactly(pool2, data_prefix, tmp_path, model, parallel):
     gbs = 8
+    # The MoE run resumes with two data-loader workers per rank (the full run reads in-process)
+    # and logs its samples: the same samples and the same losses either way.
+    workers = 2 if parallel.expert == 2 else 0
     full_config = _config(
         data_prefix,
         model,
@@ -697,8 +707,15 @@ def test_resume_continues_exactly(pool2, data_prefix, tmp_path, model, parallel)
         checkpoint=CheckpointConfig(
             save_dir=str(tmp_path / "resumed"), load_dir=str(tmp_path / "full"), load_step=3
         ),
+        data=dataclasses.replace(full_config.data, num_workers=workers),
+        logging=LoggingConfig(
+            console=False, tensorboard=False, log_dir=str(tmp_path / "logs"), log_samples=True
+        ),
     )
-    resumed = pool2.run(w.train, resumed_config)
+    resumed = pool2.run(w.train_and_count_children, resumed_config)
+    assert [r["children"] for r in resumed] == [[], []]  # the workers were shut down
+    audit = [json.loads(x) for x in (tmp_path / "logs" / "samples.jsonl").read_text().splitlines()]
+    assert [a["step"] for a in audit] == [4, 5, 6]
     for rank, (f, r) in enumerate(zip(full, resumed)):
         assert r["start_step"] == 3 and r["final_step"] == 6
         # CPU arithmetic is deterministic: the continuation is bit-identical.
@@ -712,6 +729,13 @@ def test_resume_continues_exactly(pool2, data_prefix, tmp_path, model, parallel)
     for step in range(1, 7):
         seen = sorted(i for res in dp_ranks.values() for i in res["sample_indices"][step])
         assert seen == list(range((step - 1) * gbs, step * gbs)), step
+    # The resumed run's sample audit (all data-parallel ranks, DP-rank order) says the same.
+    for line in audit:
+        step = line["step"]
+        assert line["samples"] == [
+            i for res in dp_ranks.values() for i in res["sample_indices"][step]
+        ]
+        assert sorted(line["samples"]) == list(range((step - 1) * gbs, step * gbs))
     # The learning-rate schedule continued (warmup 2 steps, stable, decay over the last 3).
     lrs = [x["lr"] for x in full[0]["records"]]
     assert lrs[0] == 0.0 and lrs[2] == pytest.approx(3e-3) and lrs[-1] < lrs[3]
@@ -747,6 +771,111 @@ def _check_resumes_across_expert_parallel_sizes(
         assert losses == pytest.approx(ref_losses[step:], abs=INVARIANCE_TOL), (expert, losses)
         gnorms = [r["grad_norm"] for r in result["records"]]
         assert gnorms == pytest.approx(ref_gnorms[step:], rel=1e-4), (expert, gnorms)
+
+
+# -- the data loader ---------------------------------------------------------------------------
+
+
+def test_data_loader_options_are_checked():
+    for kwargs, message in [
+        ({"num_workers": -1}, "DataConfig.num_workers must be >= 0, got -1"),
+        ({"num_workers": True}, "DataConfig.num_workers must be an int, got True"),
+        ({"prefetch_factor": 0}, "DataConfig.prefetch_factor must be >= 1, got 0"),
+        ({"pin_memory": "yes"}, "DataConfig.pin_memory must be true or false, got 'yes'"),
+        ({"persistent_workers": None}, "DataConfig.persistent_workers must be true or false"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            DataConfig(paths=("x",), **kwargs)
+    auto = DataConfig(paths=("x",))
+    assert LoaderSettings.resolve(auto, "cpu") == LoaderSettings(0, False, 2, True)
+    assert LoaderSettings.resolve(auto, "cuda") == LoaderSettings(2, True, 2, True)
+    pinned = DataConfig(paths=("x",), num_workers=3, pin_memory=True, prefetch_factor=4)
+    assert LoaderSettings.resolve(pinned, "cpu") == LoaderSettings(3, False, 4, True)
+
+
+def _read_directly(dataset, indices: list[int]) -> torch.Tensor:
+    return torch.stack([torch.as_tensor(dataset[i % len(dataset)]["tokens"]) for i in indices])
+
+
+class _FailingSamples:
+    """A dataset whose sample `bad` kills the process reading it (`kill`) or raises."""
+
+    def __init__(self, dataset, bad: int, kill: bool) -> None:
+        self.dataset, self.bad, self.kill = dataset, bad, kill
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        if index == self.bad:
+            if self.kill:
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise OSError(f"cannot read sample {index}")
+        return self.dataset[index]
+
+
+def test_loader_workers_read_the_plans_samples_in_order(data_prefix):
+    """Two workers yield, from a resume point on, exactly the samples BatchPlan names for this
+    data-parallel rank, as read from the dataset directly; a failing worker is a DataError; no
+    worker process outlives the loader."""
+    import multiprocessing
+
+    from megatron_ext.training.data import BatchLoader, BatchPlan, build_datasets
+
+    others = set(multiprocessing.active_children())  # e.g. the gloo pools' ranks
+    config = _config(data_prefix, train_steps=5)
+    train, _ = build_datasets(config)
+    plan = BatchPlan(global_batch_size=8, micro_batch_size=2, dp_rank=1, dp_size=2)
+    settings = LoaderSettings(num_workers=2, prefetch_factor=2)
+    loader = BatchLoader(
+        train, plan, consumed_samples=16, total_samples=40, device="cpu", settings=settings
+    )
+    batches = list(loader)
+    assert len(batches) == 3  # global batches at 16, 24, 32
+    for batch, consumed in zip(batches, (16, 24, 32)):
+        expected = plan.sample_indices(consumed)  # rank 1: the second half of the batch
+        assert [list(m.sample_indices) for m in batch] == expected
+        for micro, indices in zip(batch, expected):
+            assert torch.equal(micro.tokens, _read_directly(train, indices))
+    loader.close()
+    # A middle pipeline stage reads nothing but knows the indices.
+    quiet = BatchLoader(
+        train,
+        plan,
+        consumed_samples=16,
+        total_samples=24,
+        device="cpu",
+        settings=settings,
+        reads=False,
+    )
+    [batch] = list(quiet)
+    assert [list(m.sample_indices) for m in batch] == plan.sample_indices(16)
+    assert all(m.tokens is None and m.labels is None for m in batch)
+    # A worker killed is noticed at the batch being waited for; an exception at its own batch.
+    for kill, cause in (
+        (True, "RuntimeError: DataLoader worker (pid"),
+        (False, "OSError: Caught OSError in DataLoader worker process"),
+    ):
+        broken = BatchLoader(
+            _FailingSamples(train, bad=13, kill=kill),
+            plan,
+            consumed_samples=0,
+            total_samples=40,
+            device="cpu",
+            settings=settings,
+        )
+        with pytest.raises(DataError) as info:
+            list(broken)
+        message = str(info.value)
+        assert (
+            "a data-loader worker failed while the training batch at consumed_samples=" in message
+        )
+        assert cause in message and "data.num_workers=0" in message, message
+        if not kill:
+            assert "consumed_samples=8 was read (this rank's samples 12..15)" in message
+            assert "cannot read sample 13" in message
+        broken.close()
+    assert set(multiprocessing.active_children()) <= others
 
 
 # -- metrics output ----------------------------------------------------------------------------

@@ -12,6 +12,11 @@ every preset.
     python tools/bench_train.py                                  # tiny model on CPU
     python tools/bench_train.py --vocab-size 32768               # a loss-heavier setting
     torchrun --nproc-per-node 2 tools/bench_train.py --tp 2      # several ranks
+    python tools/bench_train.py --num-workers 0 2                # the data loader's workers
+
+With --num-workers, the losses are not compared: the CE preset trains once per worker count,
+reading its batches through the trainer's data loader (data.num_workers=N) inside the timed
+step, and steps/s (from the median time of reading plus training a step) is printed per count.
 """
 
 from __future__ import annotations
@@ -68,6 +73,12 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--diagnostics", action="store_true", help="time steps with diagnostics on")
     p.add_argument("--data", help="indexed dataset prefix (default: a synthetic one)")
     p.add_argument(
+        "--num-workers",
+        type=int,
+        nargs="+",
+        help="time reading plus training with these data.num_workers instead of the losses",
+    )
+    p.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (default 1: steadier timings)"
     )
     return p.parse_args()
@@ -92,6 +103,8 @@ def main() -> int:
         data = args.data or os.path.join(tmp, "synthetic")
         if args.data is None and int(os.environ.get("RANK", "0")) == 0:
             write_synthetic_dataset(data, vocab_size=model.vocab_size, num_documents=400)
+        if args.num_workers:
+            return _bench_workers(args, model, data, tmp)
         config = TrainConfig(
             model=model,
             parallel=ParallelConfig(tensor=args.tp),
@@ -151,6 +164,61 @@ def main() -> int:
                 f"{name:<20}{rate[name]:>12.0f}{ratio_native:>15.3f}x"
                 f"{f'[{low:.3f}, {high:.3f}]':>18}{ratio_ce:>9.3f}x{flag}"
             )
+    return 0
+
+
+def _bench_workers(args: argparse.Namespace, model, data: str, tmp: str) -> int:
+    """Steps/s of reading (through the trainer's data loader) plus training one step, for each
+    of args.num_workers, one trainer session after the other, the CE preset throughout."""
+    if args.data is None and "RANK" in os.environ:
+        while not Path(data + ".idx").exists():
+            time.sleep(0.2)
+    rounds = args.warmup + args.steps
+    median: dict[int, float] = {}
+    for workers in args.num_workers:
+        config = TrainConfig(
+            model=model,
+            parallel=ParallelConfig(tensor=args.tp),
+            data=DataConfig(
+                paths=(data,),
+                split="100,0,0",
+                cache_dir=os.path.join(tmp, "cache"),
+                num_workers=workers,
+            ),
+            optimizer=OptimizerConfig(lr=1e-3, min_lr=1e-4, warmup_steps=0),
+            logging=LoggingConfig(console=False),
+            train_steps=rounds,
+            global_batch_size=args.global_batch_size,
+            micro_batch_size=args.micro_batch_size,
+            bf16=args.bf16,
+        )
+        with trainer_session(config) as trainer:
+            inner = unwrap_model(trainer.model[-1])
+            inner.shaping = RewardShapingConfig.preset("ce")
+            loader = trainer.batch_loader(trainer.train_data, 0, rounds * args.global_batch_size)
+            batches = iter(loader)
+            times = []
+            for r in range(rounds):
+                t0 = time.perf_counter()
+                trainer.train_step(next(batches), diagnostics=args.diagnostics)
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                if r >= args.warmup:
+                    times.append(time.perf_counter() - t0)
+            loader.close()
+            median[workers] = statistics.median(times)
+            world, rank0 = dist.get_world_size(), dist.get_rank() == 0
+    if rank0:
+        print(
+            f"model {model.name} (vocab {model.vocab_size}, seq {model.seq_length}, "
+            f"{model.num_layers} layers), TP={args.tp}, {world} rank(s), "
+            f"{'cuda' if torch.cuda.is_available() else 'cpu'}, {args.steps} timed steps each, "
+            f"global batch {args.global_batch_size}"
+        )
+        base = args.num_workers[0]
+        print(f"{'num_workers':<14}{'steps/s':>10}{f'vs {base} workers':>16}")
+        for workers, t in median.items():
+            print(f"{workers:<14}{1 / t:>10.2f}{median[base] / t:>15.3f}x")
     return 0
 
 

@@ -59,6 +59,7 @@ _FLAGS: dict[str, tuple[str | None, str]] = {
     "log_dir": ("logging", "log_dir"),
     "eod_id": ("data", "eod_id"),
     "split": ("data", "split"),
+    "num_workers": ("data", "num_workers"),
     "device": (None, "device"),
 }
 
@@ -129,6 +130,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-dir", help="folder for metrics.jsonl and TensorBoard")
     p.add_argument("--eod-id", type=int)
     p.add_argument("--split", help="train,valid,test split, e.g. 98,2,0")
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        help="data-loader worker processes per rank (0: read in the training process; "
+        "default: 2 on CUDA, 0 on CPU)",
+    )
     p.add_argument("--bf16", action="store_true", default=None)
     p.add_argument(
         "--device",

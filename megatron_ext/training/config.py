@@ -205,6 +205,18 @@ class DataConfig:
     scan_token_ids: bool = True
     """Before training, read every token once to check it is < model.vocab_size (the file
     headers and sizes are always checked); turn off for huge corpora already checked."""
+    num_workers: int | None = None
+    """DataLoader worker processes reading the samples of each rank (megatron's
+    --num-workers); 0 reads them in the training process. None: 2 on CUDA, 0 on CPU (on CPU the
+    workers compete with the training ranks for the same cores)."""
+    pin_memory: bool | None = None
+    """Read into pinned host memory, so that the copies to the GPU overlap the step (None: on
+    CUDA; no effect on CPU)."""
+    prefetch_factor: int = 2
+    """Micro-batches each worker reads ahead (with num_workers > 0)."""
+    persistent_workers: bool = True
+    """Keep the validation loader's workers between validations (the training loader is read in
+    one pass per run, so its workers live for the run either way)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.paths, str):
@@ -225,6 +237,13 @@ class DataConfig:
                     f"{len(self.paths)} paths"
                 )
         _check_int("DataConfig", "eod_id", self.eod_id, 0)
+        if self.num_workers is not None:
+            _check_int("DataConfig", "num_workers", self.num_workers, 0)
+        _check_int("DataConfig", "prefetch_factor", self.prefetch_factor, 1)
+        for name in ("pin_memory", "persistent_workers"):
+            value = getattr(self, name)
+            if not isinstance(value, bool) and not (name == "pin_memory" and value is None):
+                raise ConfigError(f"DataConfig.{name} must be true or false, got {value!r}")
         parts = self.split.replace("/", ",").split(",")
         try:
             values = [float(p) for p in parts]

@@ -79,6 +79,8 @@ def context_parallel_shard(x: torch.Tensor, cp_size: int, cp_rank: int) -> torch
 def forward_step(data_iterator, model: torch.nn.Module):
     batch: MicroBatch = next(data_iterator)
     tokens, positions, loss_mask = batch.tokens, batch.position_ids, batch.loss_mask  # [b, s]
+    if batch.labels is None:  # a stage between the first and the last: its input comes by p2p
+        return model(None, None, None), partial(loss_func, None, None, False)
     labels = batch.labels.masked_fill(loss_mask == 0, IGNORE_INDEX)  # [b, s]
     cp_size = parallel_state.get_context_parallel_world_size()
     if cp_size > 1:

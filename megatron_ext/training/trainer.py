@@ -57,7 +57,13 @@ from megatron_ext.training.checkpoint import (
     save_checkpoint,
 )
 from megatron_ext.training.config import ConfigError, TrainConfig, config_to_dict
-from megatron_ext.training.data import BatchPlan, MicroBatch, build_datasets
+from megatron_ext.training.data import (
+    BatchLoader,
+    BatchPlan,
+    LoaderSettings,
+    MicroBatch,
+    build_datasets,
+)
 from megatron_ext.training.metrics import LOSS_SUM_FIELDS, MetricsWriter, sums_to_metrics
 from megatron_ext.training.session import SigtermFlag, distributed_session, release_model
 from megatron_ext.training.start import StartPlan, apply_start_plan, plan_start
@@ -192,6 +198,12 @@ class Trainer:
             dp_rank=parallel_state.get_data_parallel_rank(),
             dp_size=parallel_state.get_data_parallel_world_size(),
         )
+        # megatron's convention: only the first and last pipeline stages read their input.
+        self.reads_data = parallel_state.is_pipeline_first_stage(
+            ignore_virtual=True
+        ) or parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        self.loader_settings = LoaderSettings.resolve(cfg.data, self.device)
+        self._valid_loader: BatchLoader | None = None
         self.writer: MetricsWriter | None = None  # opened by run(), after the start plan
 
     # -- one step ---------------------------------------------------------------------------
@@ -335,11 +347,15 @@ class Trainer:
             chunk.eval()
         self._set_loss_stats(True)
         total = torch.zeros(len(LOSS_SUM_FIELDS), dtype=torch.float64)
+        if self._valid_loader is None:
+            self._valid_loader = self.batch_loader(
+                self.valid_data,
+                0,
+                self.config.eval_iters * self.config.global_batch_size,
+                "validation",
+            )
         with torch.no_grad():
-            for i in range(self.config.eval_iters):
-                batches = self.plan.micro_batches(
-                    self.valid_data, i * self.config.global_batch_size, self.device
-                )
+            for batches in self._valid_loader:
                 sums = self._run_schedule(batches, forward_only=True)
                 dist.all_reduce(sums)
                 total += sums.cpu()
@@ -348,6 +364,28 @@ class Trainer:
         return sums_to_metrics(total, prefix="val_")
 
     # -- the run ----------------------------------------------------------------------------
+
+    def batch_loader(
+        self, dataset: Any, consumed_samples: int, total_samples: int, name: str = "training"
+    ) -> BatchLoader:
+        """This rank's global batches of `dataset` from `consumed_samples` on, read as
+        `config.data` says (nothing is read on the pipeline stages between the first and last)."""
+        return BatchLoader(
+            dataset,
+            self.plan,
+            consumed_samples=consumed_samples,
+            total_samples=total_samples,
+            device=self.device,
+            settings=self.loader_settings,
+            reads=self.reads_data,
+            name=name,
+        )
+
+    def close_loaders(self) -> None:
+        """Stop the validation loader's worker processes (trainer_session calls it)."""
+        if self._valid_loader is not None:
+            self._valid_loader.close()
+            self._valid_loader = None
 
     def _resume(self) -> tuple[int, int]:
         """Carry out the start plan: remove what it says is stale (rank 0), then load its
@@ -394,7 +432,11 @@ class Trainer:
         local = {
             "indices": [i for b in batches for i in b.sample_indices],
             "crc32": zlib.crc32(
-                b"".join(b.tokens.cpu().numpy().astype("<i8").tobytes() for b in batches)
+                b"".join(
+                    b.tokens.cpu().numpy().astype("<i8").tobytes()
+                    for b in batches
+                    if b.tokens is not None
+                )
             ),
         }
         gathered: list[Any] = [None] * parallel_state.get_data_parallel_world_size()
@@ -432,10 +474,14 @@ class Trainer:
         consecutive_skips = 0
         for chunk in self.model:
             chunk.train()
+        loader = self.batch_loader(
+            self.train_data, consumed, consumed + (cfg.train_steps - step) * cfg.global_batch_size
+        )
+        train_batches = iter(loader)
         try:
             while step < cfg.train_steps:
                 t0 = time.perf_counter()
-                batches = self.plan.micro_batches(self.train_data, consumed, self.device)
+                batches = next(train_batches)
                 lr = self.optimizer.param_groups[0]["lr"]
                 last = step + 1 == cfg.train_steps
                 logged = (step + 1) % cfg.logging.log_interval == 0 or last
@@ -499,6 +545,7 @@ class Trainer:
                         print(f"SIGTERM: stopped after step {step} ({where})", flush=True)
                     break
         finally:
+            loader.close()
             self.writer.close()
             if samples_log is not None:
                 samples_log.close()
@@ -548,4 +595,5 @@ def trainer_session(config: TrainConfig) -> Iterator[Trainer]:
         try:
             yield trainer
         finally:
+            trainer.close_loaders()
             release_model(trainer.model)

@@ -42,8 +42,7 @@ def train_and_report_buckets(config) -> dict[str, Any]:
 
     from megatron_ext.training.trainer import trainer_session
 
-    gc.collect()  # groups of earlier checks that only wait for the collector
-    threads_before = gloo_threads()
+    threads_before = gloo_threads()  # the pool collected the garbage of earlier checks
     with trainer_session(config) as trainer:
         result = trainer.run()
         buckets = sum(len(chunk.bucket_groups) for chunk in trainer.model)

@@ -483,9 +483,7 @@ def _paper_parallel(
         context=context or layout.context,
         distributed_optimizer=True,
         overlap_grad_reduce=True,
-        # Off until a checkpoint saved with it resumes exactly (README, known issue); the
-        # gradient reduce-scatter still overlaps the backward pass.
-        overlap_param_gather=False,
+        overlap_param_gather=True,
         ddp_bucket_size=None,
     )
 

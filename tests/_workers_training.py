@@ -34,8 +34,9 @@ def gloo_threads() -> int:
 
 def train_and_report_buckets(config) -> dict[str, Any]:
     """As `train`, plus the number of DDP bucket groups, this rank's final weights (one flat
-    fp32 tensor, in parameter order), read after the run returned, and its gloo threads before
-    the run and after the session closed."""
+    fp32 tensor, in parameter order), read after the run returned, its gloo threads before the
+    run and after the session closed, and, with the distributed optimizer, the length of
+    megatron's gathered optimizer state with the buffer's unpadded and padded lengths."""
     import gc
 
     import torch
@@ -49,6 +50,7 @@ def train_and_report_buckets(config) -> dict[str, Any]:
         weights = torch.cat(
             [p.detach().float().flatten() for c in trainer.model for p in c.parameters()]
         )
+        gathered = _gathered_optimizer_numel(trainer.optimizer)
     del trainer
     gc.collect()
     return {
@@ -56,7 +58,24 @@ def train_and_report_buckets(config) -> dict[str, Any]:
         "bucket_groups": buckets,
         "weights": weights,
         "gloo_threads": (threads_before, gloo_threads()),
+        "gathered_numel": gathered,
     }
+
+
+def _gathered_optimizer_numel(optimizer) -> tuple[int, int, int] | None:
+    """What megatron's own gather of the distributed optimizer's state returns: its length, with
+    the buffer's unpadded and padded lengths (see checkpoint._bucket_padding_kept); None without
+    a distributed optimizer. (A function of its own: its locals hold the optimizer.)"""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(sub, DistributedOptimizer):
+            state = DistributedOptimizer.get_parameter_state_dp_zero(
+                sub, use_gloo_comm=True, return_on_all_ranks=True
+            )
+            numel = next(iter(state[0].values()))["param"].numel()
+            return numel, sub.buffers[0].numel_unpadded, sub.buffers[0].numel
+    return None
 
 
 def train_with_adam_moments_zeroed_after_load(config) -> dict[str, Any]:

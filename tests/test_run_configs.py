@@ -137,9 +137,9 @@ def test_paper_recipes_build_and_validate_at_their_layout(model, stage):
     assert (opt.lr, opt.min_lr, opt.weight_decay, opt.clip_grad) == (3e-4, 3e-5, 0.1, 1.0)
     assert cfg.shaping == RewardShapingConfig(beta=-0.25)
     assert cfg.bf16 and cfg.parallel.distributed_optimizer
-    # the gradient reduce overlapped with the backward pass; not the parameter all-gather, whose
-    # checkpoints do not resume exactly yet (README); TE's spec wherever the image has TE
-    assert cfg.parallel.overlap_grad_reduce and not cfg.parallel.overlap_param_gather
+    # the gradient reduce-scatter overlapped with the backward pass, the parameter all-gather with
+    # the forward pass; TE's spec wherever the image has TE
+    assert cfg.parallel.overlap_grad_reduce and cfg.parallel.overlap_param_gather
     assert cfg.use_transformer_engine is None
     if stage == "pretrain":
         assert (m.seq_length, m.rope_base, cfg.global_batch_size) == (4096, 1e4, 4096)

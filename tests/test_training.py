@@ -9,6 +9,8 @@ import math
 import os
 import re
 import signal
+import warnings
+from unittest import mock
 
 import pytest
 import torch
@@ -393,14 +395,20 @@ def test_fused_output_loss_trains_like_unfused_and_resumes_at_tp2_pp2(pool4, dat
         assert [r[key] for r in resumed["records"]] == [r[key] for r in fused["records"][10:]]
 
 
-def test_overlapped_grad_reduce_and_param_gather_train_like_synchronous(pool2, data_prefix):
+# load_common_state_dict in this (single) process: torch's note that it reads without a group
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+def test_overlapped_grad_reduce_and_param_gather_train_like_synchronous(
+    pool2, data_prefix, tmp_path
+):
     """megatron DDP's overlap on gloo at DP=2, plain DDP (bucketed all-reduce in the backward)
     and the distributed optimizer (reduce-scatter in the backward, parameter all-gather in the
     next forward): the same losses, validation losses and gradient norms as the synchronous
     runs, and the same final weights on both ranks. Small buckets (5,000 parameters) give
     several, the output layer's one of its own: the fused output loss never calls the layer, so
     its all-gather is waited for by the loss itself (models/output.py). No validation: its
-    forward pass would gather the last step's parameters, which the run must do itself."""
+    forward pass would gather the last step's parameters, which the run must do itself. The
+    overlapped distributed-optimizer run's step-5 checkpoint (several padded buckets:
+    checkpoint._bucket_padding_kept) resumes bit for bit."""
     config = _config(data_prefix, train_steps=10)
     for distributed in (False, True):
         plain = dataclasses.replace(
@@ -415,6 +423,9 @@ def test_overlapped_grad_reduce_and_param_gather_train_like_synchronous(pool2, d
                 ddp_bucket_size=5000,
             ),
         )
+        if distributed:
+            saves = CheckpointConfig(save_dir=str(tmp_path / "overlapped"), save_interval=5)
+            overlapped = dataclasses.replace(overlapped, checkpoint=saves)
         ref = pool2.run(w.train_and_report_buckets, plain)
         ours = pool2.run(w.train_and_report_buckets, overlapped)
         assert ref[0]["bucket_groups"] == 1 and ours[0]["bucket_groups"] >= 4, distributed
@@ -432,6 +443,39 @@ def test_overlapped_grad_reduce_and_param_gather_train_like_synchronous(pool2, d
         # is not left to a next forward pass that never comes).
         assert torch.equal(ours[0]["weights"], ours[1]["weights"]), distributed
         assert torch.allclose(ours[0]["weights"], ref[0]["weights"], atol=1e-6), distributed
+    # megatron-core's gather of the optimizer state still leaves out the padding between the
+    # buckets (when this fails, megatron keeps it: remove checkpoint._bucket_padding_kept).
+    gathered, unpadded, padded = ours[0]["gathered_numel"]
+    assert gathered == unpadded < padded, ours[0]["gathered_numel"]
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(str(tmp_path / "overlapped/iter_0000005"))
+    assert common["train_state"]["optimizer_bucket_padding_kept"] is True
+    resume = CheckpointConfig(load_dir=saves.save_dir, load_step=5)
+    resumed = pool2.run(w.train, dataclasses.replace(overlapped, checkpoint=resume))[0]
+    assert resumed["start_step"] == 5
+    for key in ("loss", "grad_norm"):
+        assert [r[key] for r in resumed["records"]] == [r[key] for r in records[5:]], key
+
+
+def test_checkpoints_saved_before_the_bucket_padding_fix_load_with_a_warning(tmp_path):
+    """A distributed-optimizer checkpoint saved by an overlapped run before
+    checkpoint._bucket_padding_kept (no marker in its train state) warns on rank 0, naming the
+    setting that avoids its optimizer state; one with the marker, or saved without overlap, is
+    silent."""
+    from megatron_ext.training import checkpoint
+
+    def common(overlap: bool) -> dict:
+        return {"extra": {"config": {"parallel": {"overlap_grad_reduce": overlap}}}}
+
+    with mock.patch.object(checkpoint.dist, "get_rank", return_value=0):
+        with pytest.warns(UserWarning, match=r"overlap_grad_reduce=True .*checkpoint.load_optimizer=false"):
+            checkpoint._warn_if_bucket_padding_dropped({}, common(True), tmp_path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            marked = {"optimizer_bucket_padding_kept": True}
+            checkpoint._warn_if_bucket_padding_dropped(marked, common(True), tmp_path)
+            checkpoint._warn_if_bucket_padding_dropped({}, common(False), tmp_path)
 
 
 # -- parallel invariance -----------------------------------------------------------------------

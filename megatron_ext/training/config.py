@@ -275,6 +275,12 @@ class CheckpointConfig:
     shard's optimizer state (12 bytes a parameter) in host memory on every rank for a moment;
     "dp_reshardable" (megatron-training's default) holds only the rank's own part and resumes
     at another DP size only."""
+    async_save: bool = False
+    """Write checkpoints asynchronously (megatron-core's AsyncCallsQueue): a forked process
+    writes while training goes on, and the checkpoint is published (renamed into place, `latest`
+    moved) at the first step after every rank's writer finished; a save waits for the one before
+    it, and the run for the last one. A kill while it writes leaves `latest` at the previous
+    checkpoint. Needs ranks that may fork (torchrun's; not daemonic processes)."""
 
     def __post_init__(self) -> None:
         if self.optimizer_format not in OPTIMIZER_FORMATS:

@@ -56,7 +56,9 @@ from megatron_ext.loss import ShapedLossStats
 from megatron_ext.loss.vocab_parallel import INPUT_FLAGS
 from megatron_ext.models import IGNORE_INDEX, build_model, to_transformer_config
 from megatron_ext.training.checkpoint import (
+    AsyncCheckpointSaver,
     CheckpointError,
+    NonFiniteWeightsError,
     checkpoint_dir,
     load_checkpoint,
     remove_incomplete_checkpoints,
@@ -426,6 +428,7 @@ class Trainer:
             self.tconfig.grad_sync_func = grad_sync if vp > 1 else grad_sync[0]
         self.forward_backward = get_forward_backward_func()
         self._sigterm: _SigtermFlag | None = None
+        self._async_saver: AsyncCheckpointSaver | None = None  # set by run() with async_save
 
         self.train_data, self.valid_data = build_datasets(cfg)
         self.plan = BatchPlan(
@@ -628,6 +631,7 @@ class Trainer:
             extra={"config": config_to_dict(self.config)},
             keep_last=self.config.checkpoint.keep_last,
             optimizer_format=self.config.checkpoint.optimizer_format,
+            async_saver=self._async_saver,
         )
 
     def _sample_log(self, step: int, batches: list[MicroBatch]) -> dict[str, Any] | None:
@@ -674,6 +678,10 @@ class Trainer:
         consecutive_skips = 0
         for chunk in self.model:
             chunk.train()
+        self._async_saver = (
+            AsyncCheckpointSaver() if save_dir and cfg.checkpoint.async_save else None
+        )
+        failed = True
         try:
             while step < cfg.train_steps:
                 t0 = time.perf_counter()
@@ -708,6 +716,8 @@ class Trainer:
                 else:
                     consecutive_skips = 0
                     self.scheduler.step(increment=1)
+                if self._async_saver is not None:
+                    self._async_saver.maybe_finalize()  # publish a save every rank has written
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
                 elapsed = time.perf_counter() - t0
@@ -736,11 +746,23 @@ class Trainer:
                     self._save(step, consumed)
                 if out.sigterm:
                     result.stopped_by_signal = True
+                    if self._async_saver is not None:
+                        self._async_saver.finalize()
                     if rank0:
                         where = f"saved to {save_dir}" if save_dir else "not saved"
                         print(f"SIGTERM: stopped after step {step} ({where})", flush=True)
                     break
+            if self._async_saver is not None:
+                self._async_saver.finalize()  # the last save is published before the run ends
+            failed = False
+        except _RAISED_ON_EVERY_RANK:
+            if self._async_saver is not None:  # the ranks meet again: publish what was written
+                self._async_saver.finalize()
+            failed = False
+            raise
         finally:
+            if failed and self._async_saver is not None:
+                self._async_saver.abandon()
             self.writer.close()
             if samples_log is not None:
                 samples_log.close()
@@ -764,6 +786,11 @@ class Trainer:
         if cfg.logging.log_dir:
             parts.append(f"metrics {os.path.join(cfg.logging.log_dir, 'metrics.jsonl')}")
         return "; ".join(parts)
+
+
+# Errors every rank raises at the same point of the loop, after which the ranks can still meet to
+# publish an asynchronous save that every rank finished writing.
+_RAISED_ON_EVERY_RANK = (NonFiniteError, NonFiniteWeightsError, DataError)
 
 
 def pretrain(config: TrainConfig) -> TrainResult:

@@ -195,6 +195,20 @@ def test_layout_refused_by_pretrain_before_any_setup(pool2, data_prefix, descrip
     _record(f"{description}: pretrain on 2 ranks", message)
 
 
+def test_async_save_refused_in_daemonic_ranks(pool2, data_prefix, tmp_path):
+    """checkpoint.async_save forks a writer, which the pool's daemonic ranks may not: every rank
+    refuses before any setup (the same config validates in this non-daemonic process)."""
+    checkpoint = CheckpointConfig(save_dir=str(tmp_path / "ckpt"), async_save=True)
+    config = _config(data_prefix, checkpoint=checkpoint)
+    config.validate(2)
+    outcomes = pool2.run(w.pretrain_outcome, config)
+    message = _same_error_on_every_rank(outcomes, "ConfigError")
+    _assert_names(message, "checkpoint.async_save=True", "daemonic", "checkpoint.async_save=False")
+    assert all(o["calls"] == NO_WORK for o in outcomes), [o["calls"] for o in outcomes]
+    assert not (tmp_path / "ckpt").exists()
+    _record("checkpoint.async_save=True in daemonic ranks (a process pool)", message)
+
+
 # description -> (model, layout, world size, the values the message must name, its fix); layouts
 # needing another world size than the pool's, or breaking several rules at once
 LAYOUTS_VALIDATED: dict[str, tuple[ModelConfig, ParallelConfig, int, tuple[str, ...], str]] = {

@@ -632,6 +632,17 @@ class TrainConfig:
                     "CUDA machine, or use parallel.context=1 (e.g. with a larger "
                     "parallel.tensor)",
                 )
+        if self.checkpoint.async_save and self.checkpoint.save_dir and check_environment:
+            import multiprocessing
+
+            # megatron's AsyncCallsQueue forks the writer; multiprocessing forbids a daemonic
+            # process children (a rank of a multiprocessing pool, e.g.)
+            need(
+                not multiprocessing.current_process().daemon,
+                "checkpoint.async_save=True forks a writer process, which a daemonic process "
+                "(this rank's) may not start; launch the ranks with torchrun (or as non-daemonic "
+                "processes), or set checkpoint.async_save=False",
+            )
         if self.checkpoint.keep_last and not self.checkpoint.save_dir:
             errors.append(
                 f"checkpoint.keep_last={self.checkpoint.keep_last} needs checkpoint.save_dir"

@@ -438,10 +438,11 @@ def test_kill_during_save_keeps_the_previous_checkpoint(
 def test_sigterm_saves_and_exits_then_resumes_exactly(data_prefix, reference, tmp_path):
     """SIGTERM to every process of the job (what Slurm does before preemption): the ranks finish
     their step, save, and exit; the resumed run matches the uninterrupted one. torchrun's agent,
-    signalled itself, forwards SIGTERM to the ranks, waits for them and exits with 1."""
+    signalled itself, forwards SIGTERM to the ranks, waits for them and exits with 1. The saves are
+    asynchronous: the one made on SIGTERM is published before the ranks return."""
     codes = tmp_path / "exit_codes"
     codes.mkdir()
-    job = Job(data_prefix, tmp_path, {"EXIT_CODE_DIR": str(codes)})
+    job = Job(data_prefix, tmp_path, {"EXIT_CODE_DIR": str(codes)}, async_save=True)
     signal_step = 6
     assert job.wait_for_step(signal_step)
     sent = time.monotonic()
@@ -456,12 +457,13 @@ def test_sigterm_saves_and_exits_then_resumes_exactly(data_prefix, reference, tm
     assert seconds < 60
     rank_codes = [int((codes / str(r)).read_text()) for r in range(2)]
     assert rank_codes == [0, 0]  # both ranks returned normally
-    _run_to_end(data_prefix, tmp_path)
+    assert not list((tmp_path / "ckpt").glob(f"*{TMP_SUFFIX}"))  # nothing left unpublished
+    _run_to_end(data_prefix, tmp_path, async_save=True)
     result = _compare(reference, tmp_path)
     assert result["identical"], result
     record(
         "sigterm",
-        run=f"tiny, DP=2, distributed optimizer, torchrun, save every {SAVE_INTERVAL}",
+        run=f"tiny, DP=2, distributed optimizer, torchrun, async save every {SAVE_INTERVAL}",
         signal_at_step=signal_step,
         saved_step=int(saved),
         exit_code=f"ranks {rank_codes}, torchrun {code}",

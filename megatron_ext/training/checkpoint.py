@@ -381,6 +381,8 @@ class AsyncCheckpointSaver:
             call.async_caller.close()
         self._queue.async_calls.clear()
         self._steps.clear()
+        while _FORK_QUEUE is not None and not _FORK_QUEUE.empty():  # results nobody will read
+            _FORK_QUEUE.get_nowait()
 
 
 def check_finite_weights(model: torch.nn.Module | list[torch.nn.Module], what: str) -> None:

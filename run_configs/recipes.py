@@ -559,6 +559,7 @@ def paper_pretrain(
             CheckpointConfig,
             save_dir=f"{out}/checkpoints",
             save_interval=save_interval,  # a requeued or resubmitted job resumes from here
+            async_save=True,  # written by a forked process while training goes on
         ),
         logging=run.Config(LoggingConfig, log_dir=f"{out}/logs", log_interval=1),
         train_steps=train_steps or _steps(train_tokens),
@@ -658,6 +659,7 @@ def paper_midtrain(
             CheckpointConfig,
             save_dir=f"{out}/checkpoints",
             save_interval=save_interval,
+            async_save=True,
             **start,
         ),
         logging=run.Config(LoggingConfig, log_dir=f"{out}/logs", log_interval=1),

@@ -4,6 +4,8 @@
 arming the fault named by the environment:
 - FAULT_KILL_IN_WRITE=STEP: rank 1 kills itself (SIGKILL) as it starts writing its shards of the
   checkpoint of STEP, while rank 0 writes its own;
+- FAULT_KILL_IN_ASYNC_WRITE=STEP (with checkpoint.async_save): rank 1 kills itself (not its writer)
+  as soon as its forked writer process started writing the checkpoint of STEP;
 - FAULT_KILL_BEFORE_PUBLISH=STEP: rank 0 kills itself once every rank has written the checkpoint
   of STEP, before it is renamed into place and recorded in `latest`.
 With EXIT_CODE_DIR set, each rank writes the exit code of the command line to EXIT_CODE_DIR/RANK
@@ -44,6 +46,19 @@ def _arm() -> None:
         )
         proxy.save = save
         checkpoint.dist_checkpointing = proxy
+    in_async_write = os.environ.get("FAULT_KILL_IN_ASYNC_WRITE")
+    if in_async_write is not None and rank == 1:
+        original_schedule = checkpoint.AsyncCheckpointSaver.schedule
+
+        def schedule(self, request, step):
+            original_schedule(self, request, step)
+            if step == int(in_async_write):
+                writers = [call.async_caller.process for call in self._queue.async_calls]
+                if all(w is not None and w.is_alive() for w in writers):
+                    print("FAULT: rank 1 killed with its writer process writing", flush=True)
+                _kill_self()
+
+        checkpoint.AsyncCheckpointSaver.schedule = schedule
     before_publish = os.environ.get("FAULT_KILL_BEFORE_PUBLISH")
     if before_publish is not None and rank == 0:
         original_publish = checkpoint._publish

@@ -25,8 +25,10 @@ SECTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
         "Kill -9 at random steps, resumed each time",
         (
             "run",
+            "async_save",
             "trials",
             "kills",
+            "kills_in_a_save",
             "identical_trials",
             "steps_compared",
             "samples_lost",
@@ -38,6 +40,7 @@ SECTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
         "Killed in the middle of a checkpoint save",
         (
             "fault",
+            "async_save",
             "previous_checkpoint_usable",
             "resumed_from",
             "losses_identical",

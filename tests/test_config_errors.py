@@ -195,6 +195,36 @@ def test_layout_refused_by_pretrain_before_any_setup(pool2, data_prefix, descrip
     _record(f"{description}: pretrain on 2 ranks", message)
 
 
+def _validate_in_this_process(config: TrainConfig, out: Any) -> None:
+    """The ConfigError message validating `config` for 2 ranks raises here (None: it validates)."""
+    try:
+        config.validate(2)
+        out.put(None)
+    except ConfigError as exc:
+        out.put(str(exc))
+
+
+def test_async_save_refused_in_daemonic_ranks(data_prefix, tmp_path):
+    """checkpoint.async_save forks a writer, which a daemonic process (e.g. a rank started by
+    a multiprocessing pool) may not: the configuration is refused there before any setup, and
+    validates in a process that may fork (this one, torchrun's ranks)."""
+    import multiprocessing
+
+    checkpoint = CheckpointConfig(save_dir=str(tmp_path / "ckpt"), async_save=True)
+    config = _config(data_prefix, checkpoint=checkpoint)
+    config.validate(2)
+    context = multiprocessing.get_context("fork")
+    out = context.Queue()
+    rank = context.Process(target=_validate_in_this_process, args=(config, out), daemon=True)
+    rank.start()
+    message = out.get(timeout=60)
+    rank.join(timeout=60)
+    assert message is not None, "async_save validated in a daemonic process"
+    _assert_names(message, "checkpoint.async_save=True", "daemonic", "checkpoint.async_save=False")
+    assert not (tmp_path / "ckpt").exists()
+    _record("checkpoint.async_save=True in a daemonic process", message)
+
+
 # description -> (model, layout, world size, the values the message must name, its fix); layouts
 # needing another world size than the pool's, or breaking several rules at once
 LAYOUTS_VALIDATED: dict[str, tuple[ModelConfig, ParallelConfig, int, tuple[str, ...], str]] = {

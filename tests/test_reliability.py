@@ -4,9 +4,9 @@
   skipped or the run stops naming the step and ranks; a checkpoint with NaN weights is never
   written.
 - kill -9 of the whole job at random moments, SIGTERM, and a kill in the middle of a checkpoint
-  save (torchrun jobs of two ranks, data parallel with the distributed optimizer): every resumed
-  run must reproduce the uninterrupted run's losses bit for bit and its data order sample for
-  sample.
+  save (torchrun jobs of two ranks, data parallel with the distributed optimizer), with
+  synchronous and asynchronous saves (checkpoint.async_save): every resumed run must reproduce
+  the uninterrupted run's losses bit for bit and its data order sample for sample.
 
 Every test records what it injected and measured in docs/reliability.md (tests/reliability_report).
 """
@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_ext.core.checkpoint_layout import TMP_SUFFIX
 from megatron_ext.export.checkpoint import load_full_model_tensors
 from megatron_ext.models import model_preset
 from megatron_ext.training import (
@@ -178,7 +179,11 @@ def test_nan_weights_are_never_saved(pool2, data_prefix, tmp_path):
         assert message.startswith(
             "checkpoint of step 4: the weights on rank(s) [1] hold NaN or infinite values"
         )
-        assert out["save_dir"] == ["config.json", "iter_0000002", "latest"]  # no iter_0000004, no staging
+        assert out["save_dir"] == [
+            "config.json",
+            "iter_0000002",
+            "latest",
+        ]  # no iter_0000004, no staging
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == "2"
     _record_nonfinite(
         tmp_path / "ckpt",
@@ -197,7 +202,13 @@ class Job:
     """One torchrun job of two CPU ranks running the trainer's command line (tests/_fault_entry.py
     adds the faults), in its own process group so that it can be killed whole."""
 
-    def __init__(self, data_prefix: str, root: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        data_prefix: str,
+        root: Path,
+        env: dict[str, str] | None = None,
+        async_save: bool = False,
+    ) -> None:
         self.root = root
         self.log = root / "logs"
         self.ckpt = root / "ckpt"
@@ -210,6 +221,7 @@ class Job:
             "--save", str(self.ckpt), "--save-interval", str(SAVE_INTERVAL), "--load", str(self.ckpt),
             "--log-dir", str(self.log), "--set", "logging.log_samples=true",
             "--set", "logging.tensorboard=false",
+            "--set", f"checkpoint.async_save={str(async_save).lower()}",
         ]  # fmt: skip
         self.output = open(root / "output.txt", "a")  # noqa: SIM115 - closed in wait()
         self.seen = self.output.tell()  # output of earlier jobs
@@ -231,6 +243,12 @@ class Job:
             f.seek(self.seen)
             steps = re.findall(r"^(?:\S+ )?step (\d+) \|", f.read(), flags=re.MULTILINE)
         return int(steps[-1]) if steps else 0
+
+    def output_text(self) -> str:
+        """This job's console output (both ranks', and torchrun's)."""
+        with open(self.root / "output.txt") as f:
+            f.seek(self.seen)
+            return f.read()
 
     def resume_step(self) -> int:
         """The step this job resumes from (its checkpoint's, 0 without one)."""
@@ -282,8 +300,8 @@ def _final(path: Path) -> dict[int, dict]:
     return {r["step"]: r for r in _read_jsonl(path)}
 
 
-def _run_to_end(data_prefix: str, root: Path) -> None:
-    job = Job(data_prefix, root)
+def _run_to_end(data_prefix: str, root: Path, async_save: bool = False) -> None:
+    job = Job(data_prefix, root, async_save=async_save)
     code = job.wait()
     assert code == 0, (root / "output.txt").read_text()[-3000:]
 
@@ -321,70 +339,84 @@ def _compare(reference: dict, root: Path) -> dict[str, object]:
 
 @pytest.mark.slow
 def test_kill9_at_random_moments_resumes_exactly(data_prefix, reference, tmp_path):
-    """Several trials; in each the job is killed twice (SIGKILL to every process, as when a node
-    dies) at a random moment after a random step, then resumed from its latest checkpoint."""
-    trials, kills_per_trial = 3, 2
+    """Several trials; in each the job is killed (SIGKILL to every process, as when a node dies)
+    at a random moment after a random step, then resumed from its latest checkpoint. The first
+    trial saves synchronously, the others asynchronously (checkpoint.async_save), where a kill
+    often lands while a forked writer is still writing a checkpoint that is not published yet."""
+    trials = [(False, 2), (True, 3), (True, 2)]  # (async_save, kills)
     rng = random.Random(20261123)
-    results, total_kills = [], 0
-    for trial in range(trials):
+    results: dict[bool, list[dict]] = {False: [], True: []}
+    kills_by_mode = {False: 0, True: 0}
+    in_a_save = {False: 0, True: 0}  # kills that found a staging folder (a save not published)
+    for trial, (async_save, kills_per_trial) in enumerate(trials):
         root = tmp_path / f"trial{trial}"
         root.mkdir()
         kills = 0
         while True:
-            job = Job(data_prefix, root)
+            job = Job(data_prefix, root, async_save=async_save)
             first = job.resume_step() + 1
             # Done killing, or the last kill came after the final save: no step is left to kill.
             if kills == kills_per_trial or first > STEPS - 1:
                 assert job.wait() == 0, (root / "output.txt").read_text()[-3000:]
                 break
-            target = rng.randint(first, STEPS - 1)
+            # (at least a few steps and the final save ahead: the kill lands before the run ends)
+            target = rng.randint(first, max(first, STEPS - 3))
             if job.wait_for_step(target):
                 time.sleep(rng.uniform(0.0, 0.3))  # somewhere inside a step, or a save
                 killed = job.signal(signal.SIGKILL)
                 code = job.wait()
                 if killed and code != 0:
                     kills += 1
+                    in_a_save[async_save] += bool(list(job.ckpt.glob(f"*{TMP_SUFFIX}")))
                     continue
             assert job.wait() == 0  # the job finished before the kill
             break
-        total_kills += kills
+        kills_by_mode[async_save] += kills
         result = _compare(reference, root)
-        assert result["identical"], result
+        assert result["identical"], (async_save, result)
         assert result["samples_lost"] == 0 and result["samples_repeated"] == 0
-        results.append(result)
-    record(
-        "kill9",
-        run=f"tiny, DP=2, distributed optimizer, {STEPS} steps, save every {SAVE_INTERVAL}",
-        trials=trials,
-        kills=total_kills,
-        identical_trials=sum(r["identical"] for r in results),
-        steps_compared=sum(r["steps_compared"] for r in results),
-        samples_lost=sum(r["samples_lost"] for r in results),
-        samples_repeated=sum(r["samples_repeated"] for r in results),
-        max_loss_diff=max(r["max_loss_diff"] for r in results),
-    )
+        assert not list(job.ckpt.glob(f"*{TMP_SUFFIX}"))  # the resume removed the staging folder
+        results[async_save].append(result)
+    assert kills_by_mode[True] >= 5, kills_by_mode
+    for async_save, rows in results.items():
+        record(
+            "kill9",
+            run=f"tiny, DP=2, distributed optimizer, {STEPS} steps, save every {SAVE_INTERVAL}",
+            async_save=async_save,
+            trials=len(rows),
+            kills=kills_by_mode[async_save],
+            kills_in_a_save=in_a_save[async_save],
+            identical_trials=sum(r["identical"] for r in rows),
+            steps_compared=sum(r["steps_compared"] for r in rows),
+            samples_lost=sum(r["samples_lost"] for r in rows),
+            samples_repeated=sum(r["samples_repeated"] for r in rows),
+            max_loss_diff=max(r["max_loss_diff"] for r in rows),
+        )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "fault,env",
+    "fault,env,async_save",
     [
-        ("rank 1 killed as it starts writing step 8", {"FAULT_KILL_IN_WRITE": "8"}),
-        ("rank 0 killed after all wrote step 8, before publishing", {"FAULT_KILL_BEFORE_PUBLISH": "8"}),
+        ("rank 1 killed as it starts writing step 8", {"FAULT_KILL_IN_WRITE": "8"}, False),
+        ("rank 1 killed while its async writer writes step 8", {"FAULT_KILL_IN_ASYNC_WRITE": "8"}, True),
+        ("rank 0 killed after all wrote step 8 (async), before publishing", {"FAULT_KILL_BEFORE_PUBLISH": "8"}, True),
     ],
 )  # fmt: skip
 def test_kill_during_save_keeps_the_previous_checkpoint(
-    data_prefix, reference, tmp_path, fault, env
+    data_prefix, reference, tmp_path, fault, env, async_save
 ):
-    job = Job(data_prefix, tmp_path, env)
+    job = Job(data_prefix, tmp_path, env, async_save=async_save)
     code = job.wait()
     assert code != 0  # the job died
+    if "FAULT_KILL_IN_ASYNC_WRITE" in env:  # the training process died, its writer still alive
+        assert "FAULT: rank 1 killed with its writer process writing" in job.output_text()
     ckpt = tmp_path / "ckpt"
     assert (ckpt / "latest").read_text().strip() == "4"
     assert (ckpt / "iter_0000004").is_dir()
     assert not (ckpt / "iter_0000008").exists()  # the partial save was never published
     partial = (ckpt / "iter_0000008.tmp").exists()
-    _run_to_end(data_prefix, tmp_path)  # resumes from step 4
+    _run_to_end(data_prefix, tmp_path, async_save)  # resumes from step 4
     output = (tmp_path / "output.txt").read_text()
     if partial:
         assert "removed the incomplete checkpoint" in output
@@ -395,6 +427,7 @@ def test_kill_during_save_keeps_the_previous_checkpoint(
     record(
         "kill_during_save",
         fault=fault,
+        async_save=async_save,
         previous_checkpoint_usable="yes (latest = 4)",
         resumed_from=4,
         losses_identical=result["identical"],
@@ -406,10 +439,11 @@ def test_kill_during_save_keeps_the_previous_checkpoint(
 def test_sigterm_saves_and_exits_then_resumes_exactly(data_prefix, reference, tmp_path):
     """SIGTERM to every process of the job (what Slurm does before preemption): the ranks finish
     their step, save, and exit; the resumed run matches the uninterrupted one. torchrun's agent,
-    signalled itself, forwards SIGTERM to the ranks, waits for them and exits with 1."""
+    signalled itself, forwards SIGTERM to the ranks, waits for them and exits with 1. The saves are
+    asynchronous: the one made on SIGTERM is published before the ranks return."""
     codes = tmp_path / "exit_codes"
     codes.mkdir()
-    job = Job(data_prefix, tmp_path, {"EXIT_CODE_DIR": str(codes)})
+    job = Job(data_prefix, tmp_path, {"EXIT_CODE_DIR": str(codes)}, async_save=True)
     signal_step = 6
     assert job.wait_for_step(signal_step)
     sent = time.monotonic()
@@ -424,12 +458,13 @@ def test_sigterm_saves_and_exits_then_resumes_exactly(data_prefix, reference, tm
     assert seconds < 60
     rank_codes = [int((codes / str(r)).read_text()) for r in range(2)]
     assert rank_codes == [0, 0]  # both ranks returned normally
-    _run_to_end(data_prefix, tmp_path)
+    assert not list((tmp_path / "ckpt").glob(f"*{TMP_SUFFIX}"))  # nothing left unpublished
+    _run_to_end(data_prefix, tmp_path, async_save=True)
     result = _compare(reference, tmp_path)
     assert result["identical"], result
     record(
         "sigterm",
-        run=f"tiny, DP=2, distributed optimizer, torchrun, save every {SAVE_INTERVAL}",
+        run=f"tiny, DP=2, distributed optimizer, torchrun, async save every {SAVE_INTERVAL}",
         signal_at_step=signal_step,
         saved_step=int(saved),
         exit_code=f"ranks {rank_codes}, torchrun {code}",

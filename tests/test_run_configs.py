@@ -141,6 +141,7 @@ def test_paper_recipes_build_and_validate_at_their_layout(model, stage):
     # the forward pass; TE's spec wherever the image has TE
     assert cfg.parallel.overlap_grad_reduce and cfg.parallel.overlap_param_gather
     assert cfg.use_transformer_engine is None
+    assert cfg.checkpoint.async_save  # checkpoints written while training goes on
     if stage == "pretrain":
         assert (m.seq_length, m.rope_base, cfg.global_batch_size) == (4096, 1e4, 4096)
         assert cfg.train_steps == 29_802  # 500B tokens / 16M

@@ -15,18 +15,27 @@ to a temporary file, fsynced, and renamed over the old one). A process killed at
 save therefore leaves `latest` naming the previous complete checkpoint; the leftover `.tmp`
 folder is removed by the next save or resume. Weights are checked to be finite before anything is
 written: a checkpoint with NaN or infinite weights is never saved.
+
+Saves may be asynchronous (AsyncCheckpointSaver, CheckpointConfig.async_save): dist_checkpointing
+plans the save and returns an AsyncRequest, which megatron-core's AsyncCallsQueue runs in a forked
+process (a copy-on-write snapshot of the state at the save's step; on GPU the tensors are copied
+to host memory first) while training continues. The same publication (rename, then `latest`)
+is the request's last finalize function, run on every rank once every rank's writer finished and
+megatron gathered their write results, so all the promises above hold for asynchronous saves too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import multiprocessing
 import os
 import queue
 import random
 import shutil
 import warnings
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +44,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.utils import unwrap_model
@@ -54,6 +64,7 @@ from megatron_ext.core.checkpoint_layout import (
 from megatron_ext.models.config import ModelConfig
 
 __all__ = [
+    "AsyncCheckpointSaver",
     "CheckpointError",
     "NonFiniteWeightsError",
     "TrainState",
@@ -388,17 +399,89 @@ def _optimizer_state_regrouped(state: dict[Any, Any], optimizer: MegatronOptimiz
     return regrouped[0] if len(subs) == 1 else dict(enumerate(regrouped))
 
 
+_IN_PROCESS_QUEUE: queue.Queue = queue.Queue()
+_FORK_QUEUE: Any = None
+
+
 def _in_process_writer_queue() -> None:
     """dist_checkpointing's torch_dist writer returns the results of its writer threads through a
     `multiprocessing.Manager().Queue()`, made for asynchronous saves run in another process. Our
-    saves are synchronous (the writes run in this process), so a plain thread-safe queue does the
+    synchronous saves run the writes in this process, so a plain thread-safe queue does the
     same job without starting a manager server process, which costs a process start, re-imports
     the main module under the spawn start method, and is forbidden in daemonic processes (the
     test pools run ranks as daemons)."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = queue.Queue()
+    filesystem_async._results_queue = _IN_PROCESS_QUEUE
+
+
+def _forked_writer_queue() -> None:
+    """For asynchronous saves, whose writer is a process forked by megatron's
+    TemporalAsyncCaller: a multiprocessing queue made before the fork (the child inherits its
+    pipe) carries the results back, again without a manager server process."""
+    global _FORK_QUEUE
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if _FORK_QUEUE is None:
+        _FORK_QUEUE = multiprocessing.get_context("fork").Queue()
+    filesystem_async._results_queue = _FORK_QUEUE
+
+
+class AsyncCheckpointSaver:
+    """Asynchronous checkpoint saves through megatron-core's AsyncCallsQueue; every rank holds one
+    and makes the same calls in the same order (each call is collective while a save is pending).
+
+    A save scheduled by save_checkpoint(..., async_saver=saver) is written by a forked process;
+    `maybe_finalize()` (each step) publishes it once every rank's writer has finished (one integer
+    all-reduce per call while a save is pending, none otherwise), `finalize()` waits for it
+    (before the next save, at the end of a run or on SIGTERM). `abandon()` only waits for this
+    rank's writer and publishes nothing: for errors after which the ranks may not meet again;
+    the staging folder left behind is removed on resume and `latest` keeps the previous step.
+    """
+
+    def __init__(self) -> None:
+        if multiprocessing.current_process().daemon:
+            raise CheckpointError(
+                "checkpoint.async_save=True needs to fork a writer process, which a daemonic "
+                f"process ({multiprocessing.current_process().name}) may not do; run the ranks "
+                "with torchrun (or as non-daemonic processes), or set checkpoint.async_save=False"
+            )
+        self._queue = AsyncCallsQueue(persistent=False)
+        self._steps: dict[int, int] = {}  # call index -> step
+        self.published: list[int] = []
+        """The steps published so far, in order."""
+
+    @property
+    def pending(self) -> list[int]:
+        """The steps being written (scheduled, not yet published)."""
+        return list(self._steps.values())
+
+    def schedule(self, request: Any, step: int) -> None:
+        """Start writing a save (collective)."""
+        self._steps[self._queue.schedule_async_request(request)] = step
+
+    def maybe_finalize(self, blocking: bool = False) -> list[int]:
+        """Publish the saves every rank finished writing (all of them, waiting, when `blocking`);
+        returns their steps. Raises megatron's CheckpointException on every rank when some
+        rank's writer failed (nothing is published then)."""
+        if not self._steps:
+            return []
+        done = [self._steps.pop(i) for i in self._queue.maybe_finalize_async_calls(blocking)]
+        self.published.extend(done)
+        return done
+
+    def finalize(self) -> list[int]:
+        """Wait for the pending saves and publish them (collective)."""
+        return self.maybe_finalize(blocking=True)
+
+    def abandon(self) -> None:
+        """Wait for this rank's writers without meeting the other ranks; publish nothing."""
+        for call in self._queue.async_calls:
+            call.async_caller.close()
+        self._queue.async_calls.clear()
+        self._steps.clear()
+        while _FORK_QUEUE is not None and not _FORK_QUEUE.empty():  # results nobody will read
+            _FORK_QUEUE.get_nowait()
 
 
 def check_finite_weights(model: torch.nn.Module | list[torch.nn.Module], what: str) -> None:
@@ -432,9 +515,10 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
     keep_last: int = 0,
     optimizer_format: str | None = None,
+    async_saver: AsyncCheckpointSaver | None = None,
 ) -> Path:
     """Save everything a resumed run needs, atomically (see the module docstring); every rank
-    calls it. Returns the checkpoint folder.
+    calls it. Returns the checkpoint folder (with `async_saver`, where it will be once published).
 
     Args:
         model: the model, or the list of its chunks (a virtual pipeline: one sharded state dict
@@ -443,6 +527,9 @@ def save_checkpoint(
             them all).
         optimizer_format: the distributed optimizer's format (CheckpointConfig.optimizer_format);
             None: DISTRIB_OPTIM_FORMAT.
+        async_saver: write asynchronously through it: the files are written by a forked process
+            and published by the saver's maybe_finalize/finalize; a save still pending there is
+            published first.
 
     Raises:
         NonFiniteWeightsError: some rank's weights are not finite (nothing is written).
@@ -450,6 +537,8 @@ def save_checkpoint(
     root = Path(root)
     path = checkpoint_dir(root, step)
     staging = path.with_name(path.name + TMP_SUFFIX)
+    if async_saver is not None:
+        async_saver.finalize()  # one save in flight at a time; its staging folder is published
     check_finite_weights(model, f"checkpoint of step {step}")
     if dist.get_rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
@@ -475,15 +564,29 @@ def save_checkpoint(
     }
     if extra:
         state["extra"] = extra
-    _in_process_writer_queue()
-    dist_checkpointing.save(state, str(staging))
+    finish = partial(_finish_save, root, staging, path, step, keep_last)
+    if async_saver is None:
+        _in_process_writer_queue()
+        dist_checkpointing.save(state, str(staging))
+        finish()
+        return path
+    _forked_writer_queue()
+    request = dist_checkpointing.save(
+        state, str(staging), async_sharded_save=True, async_strategy="mcore"
+    )
+    request.add_finalize_fn(finish)  # after megatron's own: write results gathered, metadata
+    async_saver.schedule(request, step)
+    return path
+
+
+def _finish_save(root: Path, staging: Path, path: Path, step: int, keep_last: int) -> None:
+    """Once every rank's files are written: publish the checkpoint (rank 0), prune old ones."""
     dist.barrier()  # every rank's files are written
     if dist.get_rank() == 0:
         _publish(root, staging, path, step)
         if keep_last:
             _prune(root, keep_last, keep=path)
     dist.barrier()
-    return path
 
 
 def _publish(root: Path, staging: Path, path: Path, step: int) -> None:

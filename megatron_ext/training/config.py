@@ -294,6 +294,12 @@ class CheckpointConfig:
     shard's optimizer state (12 bytes a parameter) in host memory on every rank for a moment;
     "dp_reshardable" (megatron-training's default) holds only the rank's own part and resumes
     at another DP size only."""
+    async_save: bool = False
+    """Write checkpoints asynchronously (megatron-core's AsyncCallsQueue): a forked process
+    writes while training goes on, and the checkpoint is published (renamed into place, `latest`
+    moved) at the first step after every rank's writer finished; a save waits for the one before
+    it, and the run for the last one. A kill while it writes leaves `latest` at the previous
+    checkpoint. Needs ranks that may fork (torchrun's; not daemonic processes)."""
 
     def __post_init__(self) -> None:
         if self.optimizer_format not in OPTIMIZER_FORMATS:
@@ -645,6 +651,17 @@ class TrainConfig:
                     "CUDA machine, or use parallel.context=1 (e.g. with a larger "
                     "parallel.tensor)",
                 )
+        if self.checkpoint.async_save and self.checkpoint.save_dir and check_environment:
+            import multiprocessing
+
+            # megatron's AsyncCallsQueue forks the writer; multiprocessing forbids a daemonic
+            # process children (a rank of a multiprocessing pool, e.g.)
+            need(
+                not multiprocessing.current_process().daemon,
+                "checkpoint.async_save=True forks a writer process, which a daemonic process "
+                "(this rank's) may not start; launch the ranks with torchrun (or as non-daemonic "
+                "processes), or set checkpoint.async_save=False",
+            )
         if self.checkpoint.keep_last and not self.checkpoint.save_dir:
             errors.append(
                 f"checkpoint.keep_last={self.checkpoint.keep_last} needs checkpoint.save_dir"

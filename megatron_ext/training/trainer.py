@@ -50,7 +50,9 @@ from megatron_ext.training.builders import (
     initialize_parallel_state,
 )
 from megatron_ext.training.checkpoint import (
+    AsyncCheckpointSaver,
     CheckpointError,
+    NonFiniteWeightsError,
     checkpoint_dir,
     load_checkpoint,
     remove_incomplete_checkpoints,
@@ -190,6 +192,7 @@ class Trainer:
         connect_schedule(cfg, self.tconfig, self.model, self.optimizer)
         self.forward_backward = get_forward_backward_func()
         self._sigterm: SigtermFlag | None = None
+        self._async_saver: AsyncCheckpointSaver | None = None  # set by run() with async_save
 
         self.train_data, self.valid_data = build_datasets(cfg)
         self.plan = BatchPlan(
@@ -424,6 +427,7 @@ class Trainer:
             extra={"config": config_to_dict(self.config)},
             keep_last=self.config.checkpoint.keep_last,
             optimizer_format=self.config.checkpoint.optimizer_format,
+            async_saver=self._async_saver,
         )
 
     def _sample_log(self, step: int, batches: list[MicroBatch]) -> dict[str, Any] | None:
@@ -478,6 +482,10 @@ class Trainer:
             self.train_data, consumed, consumed + (cfg.train_steps - step) * cfg.global_batch_size
         )
         train_batches = iter(loader)
+        self._async_saver = (
+            AsyncCheckpointSaver() if save_dir and cfg.checkpoint.async_save else None
+        )
+        failed = True
         try:
             while step < cfg.train_steps:
                 t0 = time.perf_counter()
@@ -512,6 +520,8 @@ class Trainer:
                 else:
                     consecutive_skips = 0
                     self.scheduler.step(increment=1)
+                if self._async_saver is not None:
+                    self._async_saver.maybe_finalize()  # publish a save every rank has written
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
                 elapsed = time.perf_counter() - t0
@@ -540,11 +550,23 @@ class Trainer:
                     self._save(step, consumed)
                 if out.sigterm:
                     result.stopped_by_signal = True
+                    if self._async_saver is not None:
+                        self._async_saver.finalize()
                     if rank0:
                         where = f"saved to {save_dir}" if save_dir else "not saved"
                         print(f"SIGTERM: stopped after step {step} ({where})", flush=True)
                     break
+            if self._async_saver is not None:
+                self._async_saver.finalize()  # the last save is published before the run ends
+            failed = False
+        except _RAISED_ON_EVERY_RANK:
+            if self._async_saver is not None:  # the ranks meet again: publish what was written
+                self._async_saver.finalize()
+            failed = False
+            raise
         finally:
+            if failed and self._async_saver is not None:
+                self._async_saver.abandon()
             loader.close()
             self.writer.close()
             if samples_log is not None:
@@ -569,6 +591,11 @@ class Trainer:
         if cfg.logging.log_dir:
             parts.append(f"metrics {os.path.join(cfg.logging.log_dir, 'metrics.jsonl')}")
         return "; ".join(parts)
+
+
+# Errors every rank raises at the same point of the loop, after which the ranks can still meet to
+# publish an asynchronous save that every rank finished writing.
+_RAISED_ON_EVERY_RANK = (NonFiniteError, NonFiniteWeightsError, DataError)
 
 
 def pretrain(config: TrainConfig) -> TrainResult:

@@ -729,7 +729,12 @@ def _plot(results: Mapping[str, Sequence[ProbeRun]], path: Path) -> Path:
                     capsize=2,
                     ls="none",
                 )
-            ticks.append((x, f"{preset}\npass@{k}"))
+            ticks.append((x, f"@{k}"))
+        # the preset's name once, under its pass@k ticks (five presets' names fit side by side)
+        axes[2].text(
+            i, -0.1, preset, transform=axes[2].get_xaxis_transform(), ha="center", va="top",
+            fontsize=7, color=color,
+        )  # fmt: skip
     axes[0].set_title("policy entropy during GRPO (nats/token)")
     axes[1].set_title("reward during GRPO (training prompts)")
     axes[2].set_title("held-out pass@k: before (open) and after (filled) GRPO")

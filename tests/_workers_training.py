@@ -127,3 +127,61 @@ def train_and_count_children(config) -> dict[str, Any]:
     result = train(config)
     result["children"] = [p.pid for p in multiprocessing.active_children()]
     return result
+
+
+class _RaisingSamples:
+    """A dataset whose sample `bad` raises OSError."""
+
+    def __init__(self, dataset, bad: int) -> None:
+        self.dataset, self.bad = dataset, bad
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        if index == self.bad:
+            raise OSError(f"cannot read sample {index}")
+        return self.dataset[index]
+
+
+def tp2_loader_batches(config, bad: int | None = None) -> dict[str, Any]:
+    """At TP=2 (the pool's two ranks one tensor-parallel group): whether this rank reads, and
+    the global batches its BatchLoader yields (each micro-batch's tensors and indices), or the
+    DataError it raised; with `bad`, TP rank 0's sample `bad` cannot be read."""
+    import torch
+    from megatron.core import parallel_state
+
+    from megatron_ext.core.parallel import model_parallel
+    from megatron_ext.data.errors import DataError
+    from megatron_ext.training.data import BatchLoader, BatchPlan, LoaderSettings, build_datasets
+
+    with model_parallel(tensor=2):
+        group = parallel_state.get_tensor_model_parallel_group()
+        train_data, _ = build_datasets(config)
+        if bad is not None and group.rank() == 0:
+            train_data = _RaisingSamples(train_data, bad)
+        plan = BatchPlan(global_batch_size=4, micro_batch_size=2, dp_rank=0, dp_size=1)
+        loader = BatchLoader(
+            train_data,
+            plan,
+            consumed_samples=4,
+            total_samples=16,
+            device="cpu",
+            settings=LoaderSettings(num_workers=0),
+            tp_group=group,
+            sample_shape=(2, config.model.seq_length),
+        )
+        out: dict[str, Any] = {"reads": loader.loader is not None, "error": None, "batches": []}
+        try:
+            for batch in loader:
+                out["batches"].append(
+                    [
+                        (m.sample_indices, m.tokens, m.labels, m.loss_mask, m.position_ids)
+                        for m in batch
+                    ]
+                )
+        except DataError as exc:
+            out["error"] = str(exc)
+        loader.close()
+        torch.distributed.barrier()
+    return out

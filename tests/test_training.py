@@ -469,7 +469,9 @@ def test_checkpoints_saved_before_the_bucket_padding_fix_load_with_a_warning(tmp
         return {"extra": {"config": {"parallel": {"overlap_grad_reduce": overlap}}}}
 
     with mock.patch.object(checkpoint.dist, "get_rank", return_value=0):
-        with pytest.warns(UserWarning, match=r"overlap_grad_reduce=True .*checkpoint.load_optimizer=false"):
+        with pytest.warns(
+            UserWarning, match=r"overlap_grad_reduce=True .*checkpoint.load_optimizer=false"
+        ):
             checkpoint._warn_if_bucket_padding_dropped({}, common(True), tmp_path)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
@@ -920,6 +922,35 @@ def test_loader_workers_read_the_plans_samples_in_order(data_prefix):
             assert "cannot read sample 13" in message
         broken.close()
     assert set(multiprocessing.active_children()) <= others
+
+
+def test_tensor_parallel_rank0_reads_and_broadcasts(pool2, data_prefix):
+    """At TP=2 only TP rank 0 reads; rank 1 gets every micro-batch from it, equal to the
+    dataset's own samples (tokens, labels, loss mask bit for bit, positions); when rank 0's read
+    fails, both ranks raise a DataError, rank 1's naming the rank that reads for it."""
+    from megatron_ext.training.data import BatchPlan, build_datasets
+
+    config = _config(data_prefix, train_steps=5)
+    outs = pool2.run(w.tp2_loader_batches, config)
+    assert [o["reads"] for o in outs] == [True, False] and outs[0]["error"] is None
+    train, _ = build_datasets(config)
+    plan = BatchPlan(global_batch_size=4, micro_batch_size=2, dp_rank=0, dp_size=1)
+    expected = [plan.micro_batches(train, consumed, "cpu") for consumed in (4, 8, 12)]
+    for out in outs:
+        assert len(out["batches"]) == 3
+        for got, want in zip(out["batches"], expected):
+            for (indices, *tensors), micro in zip(got, want):
+                assert indices == micro.sample_indices
+                fields = (micro.tokens, micro.labels, micro.loss_mask, micro.position_ids)
+                for ours, theirs in zip(tensors, fields):
+                    assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
+    failed = pool2.run(w.tp2_loader_batches, config, 9)
+    assert "OSError: cannot read sample 9" in failed[0]["error"], failed[0]["error"]
+    assert failed[1]["error"].startswith(
+        "tensor-parallel rank 0 of this rank's group (global rank 0), which reads the data for "
+        "it, failed while the training batch at consumed_samples=8 was read"
+    ), failed[1]["error"]
+    assert [len(o["batches"]) for o in failed] == [1, 1]  # the batch at 4 came through
 
 
 # -- metrics output ----------------------------------------------------------------------------

@@ -11,7 +11,10 @@ sampler that starts at the consumed samples (`PlanSampler`, megatron's pretraini
 this project's slicing), with worker processes, pinned memory and prefetch as `DataConfig` says.
 The order is the sampler's whatever the number of workers, so a run reads the same samples with
 and without them. Only the ranks that use the input read it: the first and last pipeline stages
-(tokens, labels and loss mask); the stages between only learn the sample indices.
+(tokens, labels and loss mask); the stages between only learn the sample indices. Within a
+tensor-parallel group, which needs the same batch on every rank, only TP rank 0 reads, and
+broadcasts each micro-batch to the others (as megatron's training loop does), so a node's TP
+ranks read the data once, not TP times.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.utils.data
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
@@ -210,8 +214,11 @@ class BatchLoader:
 
     Iterating yields the list of micro-batches of each global batch from `consumed_samples` up to
     `total_samples`, on `device`. With `reads=False` (a pipeline stage between the first and the
-    last) nothing is read: the micro-batches carry only their sample indices. A failure in a
-    worker (an exception, or a worker killed) is raised as a DataError naming the batch.
+    last) nothing is read: the micro-batches carry only their sample indices. With `tp_group`
+    (more than one rank) only its rank 0 reads; every micro-batch is broadcast from it to the
+    group's other ranks, whose iterations must run in step with its own (each micro-batch is one
+    broadcast; `sample_shape` is its [b, s]). A failure in a worker (an exception, or a worker
+    killed) is raised as a DataError naming the batch, on the group's other ranks too.
     """
 
     def __init__(
@@ -224,13 +231,19 @@ class BatchLoader:
         device: torch.device | str,
         settings: LoaderSettings,
         reads: bool = True,
+        tp_group: dist.ProcessGroup | None = None,
+        sample_shape: tuple[int, int] | None = None,
         name: str = "training",
     ) -> None:
         self.plan, self.device, self.reads, self.name = plan, device, reads, name
         self.consumed_samples = consumed_samples
         self.sampler = PlanSampler(plan, consumed_samples, total_samples)
         self.loader: torch.utils.data.DataLoader | None = None
-        if reads:
+        self.tp_group = tp_group if reads and tp_group and tp_group.size() > 1 else None
+        if self.tp_group is not None and sample_shape is None:
+            raise ValueError("BatchLoader(tp_group=...) needs sample_shape=(micro-batch, seq)")
+        self.sample_shape = sample_shape
+        if reads and (self.tp_group is None or self.tp_group.rank() == 0):
             workers = settings.num_workers
             self.loader = torch.utils.data.DataLoader(
                 _Samples(dataset),
@@ -262,10 +275,51 @@ class BatchLoader:
                         raise RuntimeError(f"{self.name} data ended inside a global batch")
                     return
                 except Exception as exc:
+                    if self.tp_group is not None:
+                        self._broadcast(None, consumed)  # the group's other ranks raise too
                     raise self._failure(consumed, exc) from exc
-                batch.append(micro.to(self.device) if self.loader is not None else micro)
+                if self.loader is not None:
+                    micro = micro.to(self.device)
+                if self.tp_group is not None:
+                    micro = self._broadcast(micro, consumed)
+                    assert micro is not None
+                batch.append(micro)
             yield batch
             consumed += self.plan.global_batch_size
+
+    def _broadcast(self, micro: MicroBatch | None, consumed: int) -> MicroBatch | None:
+        """The micro-batch as TP rank 0 read it (`micro` there; None: its read failed), on every
+        rank of the group. One int64 tensor: a flag, then tokens, labels, positions and the
+        loss mask's float32 bits."""
+        assert self.tp_group is not None and self.sample_shape is not None
+        b, s = self.sample_shape
+        packed = torch.zeros(1 + 4 * b * s, dtype=torch.int64, device=self.device)
+        fields = packed[1:].view(4, b, s)
+        reader = self.loader is not None
+        if reader and micro is not None:
+            assert micro.loss_mask is not None and micro.loss_mask.dtype == torch.float32
+            packed[0] = 1
+            for i, key in enumerate(("tokens", "labels", "position_ids")):
+                fields[i].copy_(getattr(micro, key))
+            fields[3].copy_(micro.loss_mask.view(torch.int32))
+        dist.broadcast(packed, dist.get_global_rank(self.tp_group, 0), group=self.tp_group)
+        if reader:
+            return micro  # (None after a failed read: the caller raises)
+        if int(packed[0]) == 0:  # (the one host synchronisation: at the start of a step)
+            src = dist.get_global_rank(self.tp_group, 0)
+            raise DataError(
+                f"tensor-parallel rank 0 of this rank's group (global rank {src}), which reads "
+                f"the data for it, failed while the {self.name} batch at consumed_samples="
+                f"{consumed} was read; its own error says why"
+            )
+        assert micro is not None  # the indices, from this rank's sampler
+        return dataclasses.replace(
+            micro,
+            tokens=fields[0],
+            labels=fields[1],
+            position_ids=fields[2],
+            loss_mask=fields[3].to(torch.int32).view(torch.float32),
+        )
 
     def _failure(self, consumed: int, exc: Exception) -> DataError:
         where = "a data-loader worker" if self.loader and self.loader.num_workers else "reading"

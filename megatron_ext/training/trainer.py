@@ -372,7 +372,8 @@ class Trainer:
         self, dataset: Any, consumed_samples: int, total_samples: int, name: str = "training"
     ) -> BatchLoader:
         """This rank's global batches of `dataset` from `consumed_samples` on, read as
-        `config.data` says (nothing is read on the pipeline stages between the first and last)."""
+        `config.data` says (nothing is read on the pipeline stages between the first and last;
+        within a tensor-parallel group, its rank 0 reads and broadcasts)."""
         return BatchLoader(
             dataset,
             self.plan,
@@ -381,6 +382,8 @@ class Trainer:
             device=self.device,
             settings=self.loader_settings,
             reads=self.reads_data,
+            tp_group=parallel_state.get_tensor_model_parallel_group(),
+            sample_shape=(self.config.micro_batch_size, self.config.model.seq_length),
             name=name,
         )
 

@@ -383,7 +383,7 @@ class Trainer:
             settings=self.loader_settings,
             reads=self.reads_data,
             tp_group=parallel_state.get_tensor_model_parallel_group(),
-            sample_shape=(self.config.micro_batch_size, self.config.model.seq_length),
+            sample_shape=(self.config.micro_batch_size, self.config.sequence_length),
             name=name,
         )
 

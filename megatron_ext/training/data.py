@@ -239,7 +239,7 @@ class BatchLoader:
         self.consumed_samples = consumed_samples
         self.sampler = PlanSampler(plan, consumed_samples, total_samples)
         self.loader: torch.utils.data.DataLoader | None = None
-        self.tp_group = tp_group if reads and tp_group and tp_group.size() > 1 else None
+        self.tp_group = tp_group if reads and tp_group is not None and tp_group.size() > 1 else None
         if self.tp_group is not None and sample_shape is None:
             raise ValueError("BatchLoader(tp_group=...) needs sample_shape=(micro-batch, seq)")
         self.sample_shape = sample_shape
@@ -305,7 +305,7 @@ class BatchLoader:
         dist.broadcast(packed, dist.get_global_rank(self.tp_group, 0), group=self.tp_group)
         if reader:
             return micro  # (None after a failed read: the caller raises)
-        if int(packed[0]) == 0:  # (the one host synchronisation: at the start of a step)
+        if int(packed[0]) == 0:  # (a host synchronisation, while a step's batches are fetched)
             src = dist.get_global_rank(self.tp_group, 0)
             raise DataError(
                 f"tensor-parallel rank 0 of this rank's group (global rank {src}), which reads "

@@ -229,23 +229,11 @@ def _sharded_state_dict(
 # get the padding back, so the offsets address them. tests/test_training.py::
 # test_overlapped_grad_reduce_and_param_gather_train_like_synchronous fails once megatron keeps
 # the padding itself: then remove this.
-@contextlib.contextmanager
 def _bucket_padding_kept(
     optimizer: MegatronOptimizer, distributed_optimizer: bool, optim_format: str
-) -> Iterator[None]:
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    subs = []
-    if distributed_optimizer and optim_format == "fully_reshardable":
-        subs = [
-            sub
-            for sub in getattr(optimizer, "chained_optimizers", [optimizer])
-            if isinstance(sub, DistributedOptimizer)
-        ]
-    for sub in subs:
-        original = sub.get_parameter_state_dp_zero
-
-        def padded(*args: Any, sub: Any = sub, original: Any = original, **kwargs: Any) -> Any:
+) -> contextlib.AbstractContextManager[None]:
+    def padded_gather(sub: Any, original: Any) -> Any:
+        def gather(*args: Any, **kwargs: Any) -> Any:
             state = original(*args, **kwargs)
             if state is not None:
                 for gbuf_idx, buffer in enumerate(sub.buffers):
@@ -253,12 +241,11 @@ def _bucket_padding_kept(
                         _pad_buckets(world, buffer)
             return state
 
-        sub.get_parameter_state_dp_zero = padded
-    try:
-        yield
-    finally:
-        for sub in subs:
-            del sub.get_parameter_state_dp_zero  # the class's method again
+        return gather
+
+    fixed = distributed_optimizer and optim_format == "fully_reshardable"
+    subs = _distributed_optimizers(optimizer) if fixed else []
+    return _replaced_on_each(subs, "get_parameter_state_dp_zero", padded_gather)
 
 
 def _pad_buckets(world: dict[str, Any], buffer: Any) -> None:
@@ -276,15 +263,32 @@ def _pad_buckets(world: dict[str, Any], buffer: Any) -> None:
         world[key] = spread
 
 
-def _distributed_torch_adams(optimizer: MegatronOptimizer) -> list[torch.optim.Optimizer]:
+def _distributed_optimizers(optimizer: MegatronOptimizer) -> list[Any]:
+    """The DistributedOptimizers of `optimizer` (itself, or those of its chain)."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [sub for sub in subs if isinstance(sub, DistributedOptimizer)]
+
+
+@contextlib.contextmanager
+def _replaced_on_each(subs: list[Any], name: str, wrap: Any) -> Iterator[None]:
+    """For the block, each of `subs` gets, on the instance, `wrap(sub, original method)` in
+    place of its method `name` (the megatron-core workarounds of this module)."""
+    for sub in subs:
+        setattr(sub, name, wrap(sub, getattr(sub, name)))
+    try:
+        yield
+    finally:
+        for sub in subs:
+            delattr(sub, name)  # the class's method again
+
+
+def _distributed_torch_adams(optimizer: MegatronOptimizer) -> list[torch.optim.Optimizer]:
     return [
         sub.optimizer
-        for sub in subs
-        if isinstance(sub, DistributedOptimizer)
-        and isinstance(sub.optimizer, (torch.optim.Adam, torch.optim.AdamW))
+        for sub in _distributed_optimizers(optimizer)
+        if isinstance(sub.optimizer, (torch.optim.Adam, torch.optim.AdamW))
     ]
 
 
@@ -334,31 +338,22 @@ def _restore_distributed_adam_steps(optimizer: MegatronOptimizer) -> None:
 # own step (set from the checkpoint's param groups by load_state_dict just before).
 # tests/test_training.py::test_megatron_still_needs_the_adam_step_workaround fails once megatron
 # loads these formats without it: then remove this context manager.
-@contextlib.contextmanager
-def _adam_step_kept_on_load(optimizer: MegatronOptimizer) -> Iterator[None]:
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    subs = [
-        sub
-        for sub in getattr(optimizer, "chained_optimizers", [optimizer])
-        if isinstance(sub, DistributedOptimizer)
-    ]
-    for sub in subs:
-        original = sub._set_main_param_and_optimizer_states
-
-        def set_states(model_param, tensors, sub=sub, original=original):
+def _adam_step_kept_on_load(
+    optimizer: MegatronOptimizer,
+) -> contextlib.AbstractContextManager[None]:
+    def keeping_step(sub: Any, original: Any) -> Any:
+        def set_states(model_param: Any, tensors: dict[str, Any]) -> None:
             if "step" not in tensors:
                 own = sub._get_main_param_and_optimizer_states(model_param)
                 if "step" in own:
                     tensors = {**tensors, "step": own["step"]}
             original(model_param, tensors)
 
-        sub._set_main_param_and_optimizer_states = set_states
-    try:
-        yield
-    finally:
-        for sub in subs:
-            del sub._set_main_param_and_optimizer_states  # the class's method again
+        return set_states
+
+    return _replaced_on_each(
+        _distributed_optimizers(optimizer), "_set_main_param_and_optimizer_states", keeping_step
+    )
 
 
 # megatron-core 0.19.2 gives the experts' parameters an optimizer of their own (the second of the

@@ -243,6 +243,7 @@ class BatchLoader:
         if self.tp_group is not None and sample_shape is None:
             raise ValueError("BatchLoader(tp_group=...) needs sample_shape=(micro-batch, seq)")
         self.sample_shape = sample_shape
+        self._tp_source = None if self.tp_group is None else dist.get_global_rank(self.tp_group, 0)
         if reads and (self.tp_group is None or self.tp_group.rank() == 0):
             workers = settings.num_workers
             self.loader = torch.utils.data.DataLoader(
@@ -302,15 +303,14 @@ class BatchLoader:
             for i, key in enumerate(("tokens", "labels", "position_ids")):
                 fields[i].copy_(getattr(micro, key))
             fields[3].copy_(micro.loss_mask.view(torch.int32))
-        dist.broadcast(packed, dist.get_global_rank(self.tp_group, 0), group=self.tp_group)
+        dist.broadcast(packed, self._tp_source, group=self.tp_group)
         if reader:
             return micro  # (None after a failed read: the caller raises)
         if int(packed[0]) == 0:  # (a host synchronisation, while a step's batches are fetched)
-            src = dist.get_global_rank(self.tp_group, 0)
             raise DataError(
-                f"tensor-parallel rank 0 of this rank's group (global rank {src}), which reads "
-                f"the data for it, failed while the {self.name} batch at consumed_samples="
-                f"{consumed} was read; its own error says why"
+                f"tensor-parallel rank 0 of this rank's group (global rank {self._tp_source}), "
+                f"which reads the data for it, failed while the {self.name} batch at "
+                f"consumed_samples={consumed} was read; its own error says why"
             )
         assert micro is not None  # the indices, from this rank's sampler
         return dataclasses.replace(

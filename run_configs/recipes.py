@@ -4,7 +4,8 @@ Every recipe returns a `run.Config` tree of megatron_ext.training's own dataclas
 ModelConfig, RewardShapingConfig, ParallelConfig, ...), with every field spelled out so that any
 of them can be changed before launch: in Python (`cfg.optimizer.lr = 1e-4`) or from the shell
 (`python -m run_configs pretrain ... optimizer.lr=1e-4`). Nothing runs until an executor builds
-the tree (`fdl.build`) and calls `megatron_ext.training.pretrain` on every rank.
+the tree (`fdl.build`) and calls `megatron_ext.training.pretrain` on every rank (through
+`megatron_ext.training.task`).
 
 Recipes:
 - `tiny_pretrain` / `tiny_midtrain`: the tiny Qwen3-style model on the embedded default corpus
@@ -49,10 +50,10 @@ from megatron_ext.training import (
     OptimizerConfig,
     ParallelConfig,
     TrainConfig,
-    pretrain,
 )
 from megatron_ext.training.config import PAPER_WARMUP_STEPS
 from megatron_ext.training.start import check_init_from, recorded_run_config
+from megatron_ext.training.task import pretrain_on_this_rank
 from run_configs.names import PAPER_MODELS, PRESETS, RECIPE_NAMES, STAGES
 
 __all__ = [
@@ -169,8 +170,9 @@ def shaping_config(preset: str) -> run.Config[RewardShapingConfig]:
 
 
 def pretrain_task(config: run.Config[TrainConfig]) -> run.Partial:
-    """The job every rank runs: `megatron_ext.training.pretrain(config)`."""
-    return run.Partial(pretrain, config=config)
+    """The job every rank runs: `megatron_ext.training.pretrain(config)` (through
+    megatron_ext.training.task, so that the launcher itself never imports the trainer)."""
+    return run.Partial(pretrain_on_this_rank, config=config)
 
 
 def build_config(config: run.Config[TrainConfig]) -> TrainConfig:

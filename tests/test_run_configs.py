@@ -315,6 +315,22 @@ def test_library_never_imports_run_configs():
     assert offenders == []
 
 
+def test_launcher_builds_the_rank_task_without_megatron_core(tmp_path):
+    """The process that builds and launches a recipe never imports megatron-core (4-6 s); the
+    rank task it ships is megatron_ext.training.task's, which loads the trainer on the rank."""
+    code = (
+        "import sys\n"
+        "from run_configs.recipes import pretrain_task, tiny_pretrain\n"
+        f"task = pretrain_task(tiny_pretrain(data_dir={str(tmp_path)!r}))\n"
+        "fn = task.__fn_or_cls__\n"
+        "print(fn.__module__, fn.__name__, 'megatron.core' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == ["megatron_ext.training.task", "pretrain_on_this_rank", "False"]
+
+
 # -- overrides ------------------------------------------------------------------------------------
 
 

@@ -189,7 +189,8 @@ def bench_loss(args) -> dict:
                 "backward_ms": bwd * 1e3,
                 "total_ms": total * 1e3,
                 "peak_extra_mib": (
-                    None if (p := _peak_extra(fns[m], base, target, args.device)) is None
+                    None
+                    if (p := _peak_extra(fns[m], base, target, args.device)) is None
                     else p / 2**20
                 ),  # fmt: skip
                 "bandwidth_gbs": bandwidth / 1e9,
@@ -227,9 +228,12 @@ def _sweep(base, target, group, args) -> list[dict]:
                 for name in ("ce", "tail_suppression"):
                     fn = _loss_fn(name, group)
                     _run(fn, base, target, args.device)  # compile
-                    row[name] = statistics.median(
-                        sum(_run(fn, base, target, args.device)) for _ in range(args.repeats)
-                    ) * 1e3
+                    row[name] = (
+                        statistics.median(
+                            sum(_run(fn, base, target, args.device)) for _ in range(args.repeats)
+                        )
+                        * 1e3
+                    )
                 out.append(row)
     finally:
         tk.CUDA_PROGRAMS_PER_SM, tk.CUDA_NUM_WARPS = saved
@@ -259,9 +263,7 @@ def dense_100m():
     )
 
 
-_TRAIN_ROW = re.compile(
-    r"^(\w+)\s+(\d+)\s+([\d.]+)x\s+\[([\d.]+), ([\d.]+)\]\s+([\d.]+|nan)x"
-)
+_TRAIN_ROW = re.compile(r"^(\w+)\s+(\d+)\s+([\d.]+)x\s+\[([\d.]+), ([\d.]+)\]\s+([\d.]+|nan)x")
 
 
 def bench_train(args) -> dict:
@@ -449,4 +451,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    from megatron_ext.core.shutdown import skip_final_gc
+
+    skip_final_gc()  # a quicker exit (see megatron_ext.core.shutdown)
     sys.exit(main())

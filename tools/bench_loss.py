@@ -212,4 +212,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from megatron_ext.core.shutdown import skip_final_gc
+
+    skip_final_gc()  # a quicker exit (see megatron_ext.core.shutdown)
     main()

@@ -172,4 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from megatron_ext.core.shutdown import skip_final_gc
+
+    skip_final_gc()  # a quicker exit (see megatron_ext.core.shutdown)
     sys.exit(main())

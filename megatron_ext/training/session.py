@@ -100,21 +100,25 @@ def release_model(model: torch.nn.Module | list[torch.nn.Module]) -> None:
 
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
-    for chunk in model if isinstance(model, list) else [model]:
+    chunks = model if isinstance(model, list) else [model]
+    for chunk in chunks:
         grad_accs = getattr(chunk, "grad_accs", None)
         if isinstance(grad_accs, list):
             grad_accs.clear()
-        # The hooks themselves: megatron drops their handles, so find them through their
-        # closures (cell -> closure tuple -> function) and empty the hook tables holding them.
-        for cell in [r for r in gc.get_referrers(chunk) if isinstance(r, CellType)]:
-            for closure in gc.get_referrers(cell):
-                for hook in gc.get_referrers(closure):
-                    if isinstance(hook, FunctionType) and "_make_backward_post_hook" in (
-                        hook.__qualname__
-                    ):
-                        for table in gc.get_referrers(hook):
-                            if isinstance(table, OrderedDict):
-                                table.clear()
+    # The hooks themselves: megatron drops their handles, so find them through their closures
+    # (cell -> closure tuple -> function) and empty the hook tables holding them. Each level is
+    # one gc.get_referrers call over all of its objects: every call walks the whole heap, and
+    # one call per hook (a few hundred) took longer than the tiny runs themselves.
+    cells = [r for r in gc.get_referrers(*chunks) if isinstance(r, CellType)]
+    closures = gc.get_referrers(*cells) if cells else []
+    hooks = [
+        f
+        for f in (gc.get_referrers(*closures) if closures else [])
+        if isinstance(f, FunctionType) and "_make_backward_post_hook" in f.__qualname__
+    ]
+    for table in gc.get_referrers(*hooks) if hooks else []:
+        if isinstance(table, OrderedDict):
+            table.clear()
     cache_clear = getattr(RotaryEmbedding.forward, "cache_clear", None)
     if cache_clear is not None:
         cache_clear()

@@ -344,18 +344,19 @@ def test_kill9_at_random_moments_resumes_exactly(data_prefix, reference, tmp_pat
     trial saves synchronously, the others asynchronously (checkpoint.async_save), where a kill
     often lands while a forked writer is still writing a checkpoint that is not published yet.
     (Synchronous saves are killed in the middle of a save below as well.)"""
-    async_kills, max_trials = 5, 5
+    async_kills, max_trials = 4, 5
     rng = random.Random(20261123)
     results: dict[bool, list[dict]] = {False: [], True: []}
     kills_by_mode = {False: 0, True: 0}
     in_a_save = {False: 0, True: 0}  # kills that found a staging folder (a save not published)
-    # One synchronous kill, then asynchronous trials of up to 3 kills until 5 kills have landed
-    # (a job may finish before its kill: then its trial has fewer, and another trial follows).
+    # One synchronous kill, then asynchronous trials until 4 more have landed: 5 kills at random
+    # moments in all, each resumed (a job may finish before its kill: then its trial has fewer,
+    # and another trial follows).
     for trial in range(max_trials):
         if trial == 0:
             async_save, kills_per_trial = False, 1
         elif kills_by_mode[True] < async_kills:
-            async_save, kills_per_trial = True, min(3, async_kills - kills_by_mode[True])
+            async_save, kills_per_trial = True, async_kills - kills_by_mode[True]
         else:
             break
         root = tmp_path / f"trial{trial}"
@@ -403,45 +404,56 @@ def test_kill9_at_random_moments_resumes_exactly(data_prefix, reference, tmp_pat
         )
 
 
+KILLS_DURING_SAVE = [
+    ("rank 1 killed as it starts writing step 8", {"FAULT_KILL_IN_WRITE": "8"}, False),
+    ("rank 1 killed while its async writer writes step 8", {"FAULT_KILL_IN_ASYNC_WRITE": "8"}, True),
+    ("rank 0 killed after all wrote step 8 (async), before publishing", {"FAULT_KILL_BEFORE_PUBLISH": "8"}, True),
+]  # fmt: skip
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "fault,env,async_save",
-    [
-        ("rank 1 killed as it starts writing step 8", {"FAULT_KILL_IN_WRITE": "8"}, False),
-        ("rank 1 killed while its async writer writes step 8", {"FAULT_KILL_IN_ASYNC_WRITE": "8"}, True),
-        ("rank 0 killed after all wrote step 8 (async), before publishing", {"FAULT_KILL_BEFORE_PUBLISH": "8"}, True),
-    ],
-)  # fmt: skip
-def test_kill_during_save_keeps_the_previous_checkpoint(
-    data_prefix, reference, tmp_path, fault, env, async_save
-):
-    job = Job(data_prefix, tmp_path, env, async_save=async_save)
-    code = job.wait()
-    assert code != 0  # the job died
-    if "FAULT_KILL_IN_ASYNC_WRITE" in env:  # the training process died, its writer still alive
-        assert "FAULT: rank 1 killed with its writer process writing" in job.output_text()
+def test_kills_during_a_save_keep_the_previous_checkpoint(data_prefix, reference, tmp_path):
+    """Three jobs in a row die in the middle of the step-8 save, each in its own way: the first
+    from scratch, each next one resuming from what the one before left (step 4, after removing
+    the unpublished save). A last relaunch finishes and matches the uninterrupted run."""
     ckpt = tmp_path / "ckpt"
-    assert (ckpt / "latest").read_text().strip() == "4"
-    assert (ckpt / "iter_0000004").is_dir()
-    assert not (ckpt / "iter_0000008").exists()  # the partial save was never published
-    partial = (ckpt / "iter_0000008.tmp").exists()
-    _run_to_end(data_prefix, tmp_path, async_save)  # resumes from step 4
-    output = (tmp_path / "output.txt").read_text()
+    rows = []
+    partial = False  # the job before left a staging folder
+    for fault, env, async_save in KILLS_DURING_SAVE:
+        job = Job(data_prefix, tmp_path, env, async_save=async_save)
+        code = job.wait()
+        output = job.output_text()
+        assert code != 0, f"{fault}: the job did not die\n{output[-3000:]}"  # fmt: skip
+        if partial:
+            assert "removed the incomplete checkpoint" in output, output[-3000:]
+        if rows:
+            assert f"resuming from {ckpt} at step 4" in output, output[-3000:]
+        if "FAULT_KILL_IN_ASYNC_WRITE" in env:  # the training process died, its writer alive
+            assert "FAULT: rank 1 killed with its writer process writing" in output
+        assert (ckpt / "latest").read_text().strip() == "4", fault
+        assert (ckpt / "iter_0000004").is_dir()
+        assert not (ckpt / "iter_0000008").exists(), fault  # the partial save never published
+        partial = (ckpt / f"iter_0000008{TMP_SUFFIX}").exists()
+        rows.append((fault, async_save, partial))
+    last = Job(data_prefix, tmp_path, async_save=True)  # resumes from step 4, to the end
+    assert last.wait() == 0, last.output_text()[-3000:]
+    assert f"resuming from {ckpt} at step 4" in last.output_text()
     if partial:
-        assert "removed the incomplete checkpoint" in output
-    assert not list(ckpt.glob("*.tmp"))
+        assert "removed the incomplete checkpoint" in last.output_text()
+    assert not list(ckpt.glob(f"*{TMP_SUFFIX}"))
     result = _compare(reference, tmp_path)
     assert result["identical"], result
     assert result["samples_lost"] == 0 and result["samples_repeated"] == 0
-    record(
-        "kill_during_save",
-        fault=fault,
-        async_save=async_save,
-        previous_checkpoint_usable="yes (latest = 4)",
-        resumed_from=4,
-        losses_identical=result["identical"],
-        partial_left_published="no" + (" (staging folder removed on resume)" if partial else ""),
-    )
+    for fault, async_save, left in rows:
+        record(
+            "kill_during_save",
+            fault=fault,
+            async_save=async_save,
+            previous_checkpoint_usable="yes (latest = 4)",
+            resumed_from=4,
+            losses_identical=result["identical"],
+            partial_left_published="no" + (" (staging folder removed on resume)" if left else ""),
+        )
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -131,6 +132,38 @@ def _reset_peak_rss() -> int:
     return _peak_rss()
 
 
+def _read_and_close(f) -> str:
+    f.seek(0)
+    with f:
+        return f.read()
+
+
+def _memory_in_subprocesses(args, methods: list[str]) -> dict[str, dict]:
+    """measure_memory of each method in a fresh process of its own (a process's peak resident
+    memory cannot be reset below what it already holds), as many at once as there are CPUs: each
+    process's peak is its own, whatever runs beside it."""
+    env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}
+    pending, running, memory = list(methods), {}, {}
+    while pending or running:
+        while pending and len(running) < max(1, os.cpu_count() or 1):
+            m = pending.pop(0)
+            cmd = [sys.executable, __file__, "--_memory-of", m, "--tokens", str(args.tokens)]
+            cmd += ["--vocab", str(args.vocab), "--dtype", args.dtype, "--device", args.device]
+            # Files, not pipes: no process blocks on a full pipe while another one is awaited.
+            out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+            running[m] = (subprocess.Popen(cmd, stdout=out, stderr=err, env=env), out, err)
+        m = next(iter(running))
+        proc, out, err = running.pop(m)
+        proc.wait()
+        text, errors = _read_and_close(out), _read_and_close(err)
+        if proc.returncode:
+            raise RuntimeError(
+                f"the memory run of {m} failed ({proc.returncode}):\n{errors[-3000:]}"
+            )
+        memory[m] = json.loads(text.strip().splitlines()[-1])
+    return memory
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -171,16 +204,10 @@ def main() -> None:
             times[m].append(_run_once(fns[m], base, target, args.device))
 
     memory: dict[str, dict] = {}
-    if not args.no_memory:
-        for m in methods:
-            if args.device == "cuda":
-                memory[m] = measure_memory(args, m)
-                continue
-            cmd = [sys.executable, __file__, "--_memory-of", m, "--tokens", str(args.tokens)]
-            cmd += ["--vocab", str(args.vocab), "--dtype", args.dtype, "--device", args.device]
-            env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-            memory[m] = json.loads(out.strip().splitlines()[-1])
+    if not args.no_memory and args.device == "cuda":
+        memory = {m: measure_memory(args, m) for m in methods}
+    elif not args.no_memory:
+        memory = _memory_in_subprocesses(args, methods)
 
     base_t = statistics.median(times[BASELINE])
     rows = []

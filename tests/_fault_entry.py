@@ -27,9 +27,9 @@ def _kill_self() -> None:
 
 
 def _arm() -> None:
-    from megatron.core import dist_checkpointing
-
     from megatron_ext.training import checkpoint
+
+    dist_checkpointing = checkpoint.dist_checkpointing  # megatron.core's, as the trainer uses it
 
     rank = int(os.environ.get("RANK", "0"))
     in_write = os.environ.get("FAULT_KILL_IN_WRITE")

@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+import megatron_ext  # noqa: F401 - before megatron-core (see megatron_ext.core.jit)
 from tests import reliability_report
 from tests.distributed import get_pool, shutdown_pools
 

@@ -39,6 +39,8 @@ def _worker_main(rank: int, world_size: int, port: int, tasks, results) -> None:
     import torch
     import torch.distributed as dist
 
+    import megatron_ext  # noqa: F401 - before megatron-core (see megatron_ext.core.jit)
+
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     os.environ["RANK"] = str(rank)

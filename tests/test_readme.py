@@ -1,4 +1,5 @@
-"""The README's documented commands, run as written, in the README's order, in a fresh folder.
+"""The README's documented commands, run as written, in the README's order, in a fresh folder
+(a few groups of them beside the others: Command.beside).
 
 Every line of the README's ```bash blocks is a command this test knows (COMMANDS): it either runs
 it exactly as written (in a folder that has only the repository's .venv, tools/ and run_configs/,
@@ -18,6 +19,7 @@ import shlex
 import stat
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +60,11 @@ class Command:
     """Instead of running it here: the test file that runs it (on small settings)."""
     files: tuple[str, ...] = field(default=())
     """Files it must leave in the folder."""
+    beside: str | None = None
+    """The name of a group of commands that run beside the README's others (two cores sit a third
+    idle while one command runs): one after the other, in the README's order, from where the
+    group's first command stands, when every command before it has finished, while the commands
+    after it go on. Nothing outside the group may use what its commands make."""
 
 
 T = ".venv/bin/python -m megatron_ext.training --nproc-per-node 2 --model tiny --shaping precision "
@@ -74,7 +81,7 @@ COMMANDS: dict[str, Command] = {
     ),
     ".venv/bin/python tools/preprocess_data.py --input corpus/*.jsonl --output-prefix "
     "data/mycorpus --tokenizer data/default/tokenizer --workers 2": Command(
-        files=("data/mycorpus.bin", "data/mycorpus.idx")
+        files=("data/mycorpus.bin", "data/mycorpus.idx"), beside="own corpus"
     ),
     T.format(12): Command(
         expect=(
@@ -98,11 +105,13 @@ COMMANDS: dict[str, Command] = {
     "steps=10": Command(
         expect=("SUCCEEDED", "outputs: checkpoints"),
         files=("outputs/tiny-precision/checkpoints/iter_0000010",),
+        beside="recipe runs",
     ),
     f"{RC} midtrain --recipe tiny --load outputs/tiny-precision/checkpoints --data-dir "
     "data/default --nproc 2 tp=2 steps=4": Command(
         expect=("loss preset 'precision': the one", "SUCCEEDED"),
         files=("outputs/tiny-precision-midtrain/checkpoints/iter_0000004",),
+        beside="recipe runs",
     ),
     f"{RC} pretrain --recipe dense_4b --preset precision --executor slurm --data "
     "/data/pretrain_text_document --account ACCOUNT --partition PART --container-image IMAGE "
@@ -115,7 +124,9 @@ COMMANDS: dict[str, Command] = {
         ),
     ),
     f"{RC} compare --data-dir data/default --out outputs/compare --presets ce precision "
-    "--steps 5": Command(expect=("report:",), files=("outputs/compare/report.md",)),
+    "--steps 5": Command(
+        expect=("report:",), files=("outputs/compare/report.md",), beside="comparison"
+    ),
     ".venv/bin/python tools/import_hf.py --hf hf/tiny --out ckpt/tiny --tp 2": Command(
         expect=("imported to",), files=("ckpt/tiny/latest", "ckpt/tiny/tokenizer/tokenizer.json")
     ),
@@ -173,34 +184,55 @@ def _fresh_folder(tmp: Path) -> Path:
     return work
 
 
+def _run_as_written(command: str, work: Path, env: dict[str, str]) -> None:
+    """Run one README command in `work` and check what it printed and left."""
+    spec = COMMANDS[command]
+    out = subprocess.run(
+        command,
+        shell=True,
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, f"{command}\n{text[-4000:]}"
+    for expected in spec.expect:
+        assert expected in text, f"{command}: {expected!r} not in\n{text[-4000:]}"
+    for name in spec.files:
+        assert (work / name).exists(), f"{command}: {name} missing"
+    noise = WARNING.findall(text)
+    assert not noise, f"{command} printed warnings or a traceback:\n{text[-4000:]}"
+
+
+def _run_in_turn(commands: list[str], work: Path, env: dict[str, str]) -> None:
+    for command in commands:
+        _run_as_written(command, work, env)
+
+
 @pytest.mark.slow
 def test_readme_commands_work_as_written(tmp_path):
     work = _fresh_folder(tmp_path)
     env = standalone_env()
     env["NEMORUN_HOME"] = str(tmp_path / "nemo_run")  # keep the user's ~/.nemo_run out of it
     env.pop("PYTHONPATH", None)
-    for command in readme_commands(README.read_text()):
-        spec = COMMANDS[command]
-        if spec.covered_by:
-            continue
-        out = subprocess.run(
-            command,
-            shell=True,
-            cwd=work,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
-        text = out.stdout + out.stderr
-        assert out.returncode == 0, f"{command}\n{text[-4000:]}"
-        for expected in spec.expect:
-            assert expected in text, f"{command}: {expected!r} not in\n{text[-4000:]}"
-        for name in spec.files:
-            assert (work / name).exists(), f"{command}: {name} missing"
-        noise = WARNING.findall(text)
-        assert not noise, f"{command} printed warnings or a traceback:\n{text[-4000:]}"
+    commands = [c for c in readme_commands(README.read_text()) if not COMMANDS[c].covered_by]
+    groups: dict[str, list[str]] = {}
+    for command in commands:
+        if COMMANDS[command].beside:
+            groups.setdefault(COMMANDS[command].beside, []).append(command)
+    with ThreadPoolExecutor(max_workers=max(1, len(groups))) as pool:
+        running = {}
+        for command in commands:
+            group = COMMANDS[command].beside
+            if group is None:
+                _run_as_written(command, work, env)
+            elif group not in running:
+                running[group] = pool.submit(_run_in_turn, groups[group], work, env)
+        for done in running.values():
+            done.result()  # a failure in a group fails the test
     # The relaunch resumed: one record per step, 1..16, and `latest` moved forward only.
     steps = [json.loads(x)["step"] for x in (work / "runs/tiny/logs/metrics.jsonl").open()]
     assert steps == list(range(1, 17))

@@ -35,8 +35,6 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron.core.utils import unwrap_model
-
 from megatron_ext.loss import RewardShapingConfig
 from megatron_ext.models import model_preset
 from megatron_ext.training import (
@@ -85,6 +83,8 @@ def _parse() -> argparse.Namespace:
 
 
 def main() -> int:
+    from megatron.core.utils import unwrap_model  # after megatron_ext (see megatron_ext.core.jit)
+
     args = _parse()
     torch.set_num_threads(args.threads)
     overrides = {
@@ -170,6 +170,8 @@ def main() -> int:
 def _bench_workers(args: argparse.Namespace, model, data: str, tmp: str) -> int:
     """Steps/s of reading (through the trainer's data loader) plus training one step, for each
     of args.num_workers, one trainer session after the other, the CE preset throughout."""
+    from megatron.core.utils import unwrap_model
+
     if args.data is None and "RANK" in os.environ:
         while not Path(data + ".idx").exists():
             time.sleep(0.2)

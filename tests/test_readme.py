@@ -100,7 +100,7 @@ COMMANDS: dict[str, Command] = {
     "data/default/tokenizer": Command(
         expect=("exported to",), files=("hf/tiny/config.json", "hf/tiny/tokenizer.json")
     ),
-    f"{RC} recipes": Command(expect=("loss presets: ce, precision",)),
+    f"{RC} recipes": Command(expect=("loss presets: ce, precision",), beside="launcher only"),
     f"{RC} pretrain --recipe tiny --preset precision --data-dir data/default --nproc 2 tp=2 "
     "steps=10": Command(
         expect=("SUCCEEDED", "outputs: checkpoints"),
@@ -122,6 +122,7 @@ COMMANDS: dict[str, Command] = {
             "#SBATCH --output=/lustre/results/nemo_run_jobs/",
             "dry run: nothing was launched",
         ),
+        beside="launcher only",
     ),
     f"{RC} compare --data-dir data/default --out outputs/compare --presets ce precision "
     "--steps 5": Command(

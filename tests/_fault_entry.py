@@ -72,6 +72,9 @@ def _arm() -> None:
 
 
 if __name__ == "__main__":
+    from megatron_ext.core.shutdown import skip_final_gc
+
+    skip_final_gc()  # as the trainer's own entry point does
     _arm()
     from megatron_ext.training.cli import main
 

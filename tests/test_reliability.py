@@ -199,8 +199,9 @@ def test_nan_weights_are_never_saved(pool2, data_prefix, tmp_path):
 
 
 class Job:
-    """One torchrun job of two CPU ranks running the trainer's command line (tests/_fault_entry.py
-    adds the faults), in its own process group so that it can be killed whole."""
+    """One torchrun job (tests/_torchrun.py) of two CPU ranks running the trainer's command line
+    (tests/_fault_entry.py adds the faults), in its own process group so that it can be killed
+    whole."""
 
     def __init__(
         self,
@@ -213,7 +214,7 @@ class Job:
         self.log = root / "logs"
         self.ckpt = root / "ckpt"
         args = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+            sys.executable, "-m", "tests._torchrun", "--nproc-per-node", "2",
             "--master-port", str(free_port()), str(REPO / "tests" / "_fault_entry.py"),
             "--model", "tiny", "--data-path", data_prefix, "--split", "90,10,0",
             "--train-steps", str(STEPS), "--global-batch-size", "8", "--micro-batch-size", "2",

@@ -19,10 +19,12 @@ def pytest_sessionstart(session):
     them on disk (cache=True), so the gloo pools and every subprocess then load them; in a fresh
     clone there is no cache yet, and each process that meets a kernel first compiles it itself
     (the serial twins in the one-thread pool workers, the parallel ones in the 2-thread
-    subprocesses), several at once. The two kinds compile in two processes side by side (numba
-    compiles one function at a time per process; together about 1 minute on 2 cores)."""
+    subprocesses), several at once. They compile in three processes side by side (see
+    tests._warm_kernels; about 25 s on 2 cores)."""
     import subprocess
     import sys
+
+    from tests._warm_kernels import MODES
 
     procs = {
         mode: subprocess.Popen(
@@ -32,7 +34,7 @@ def pytest_sessionstart(session):
             stderr=subprocess.STDOUT,
             text=True,
         )
-        for mode in ("serial", "parallel")
+        for mode in MODES
     }
     for mode, proc in procs.items():
         output, _ = proc.communicate()

@@ -30,6 +30,14 @@ want=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "[bootstrap] installing megatron_ext and its dependencies (first run downloads torch, a few GB)"
     .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e ".[test,rl]"
+    # pip byte-compiles what it installs one file at a time; compileall does it on every core
+    # (torch and the rest: 66 s + 36 s instead of 148 s on 2 cores). Some of megatron-core's
+    # docstrings have invalid escapes, a SyntaxWarning at compile time only. A file that does not
+    # compile is skipped, as pip skips it (it is never imported).
+    .venv/bin/python -m pip install -q --no-compile -e ".[test,rl]"
+    echo "[bootstrap] byte-compiling the installed packages"
+    .venv/bin/python -W ignore::SyntaxWarning -m compileall -q -j 0 \
+        "$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" ||
+        echo "[bootstrap] (the files above did not byte-compile; the rest did)"
     echo "$want" > "$stamp"
 fi

@@ -20,7 +20,7 @@ def pytest_sessionstart(session):
     clone there is no cache yet, and each process that meets a kernel first compiles it itself
     (the serial twins in the one-thread pool workers, the parallel ones in the 2-thread
     subprocesses), several at once. They compile in three processes side by side (see
-    tests._warm_kernels; about 25 s on 2 cores)."""
+    tests._warm_kernels; about 27 s on 2 cores from an empty cache)."""
     import subprocess
     import sys
 

@@ -1,7 +1,9 @@
-"""The trainer's command line with faults injected, for the reliability tests (run by torchrun).
+"""The trainer's command line with faults injected, for the reliability tests.
 
-`torchrun ... tests/_fault_entry.py [trainer flags]` runs `python -m megatron_ext.training`, after
-arming the fault named by the environment:
+A job of tests/_torchrun.py (start_job; its ranks forked from torchrun's agent) or
+`torchrun ... tests/_fault_entry.py [trainer flags]` (script ranks) runs
+`python -m megatron_ext.training [trainer flags]` on every rank, after arming the fault named by
+the environment:
 - FAULT_KILL_IN_WRITE=STEP: rank 1 kills itself (SIGKILL) as it starts writing its shards of the
   checkpoint of STEP, while rank 0 writes its own;
 - FAULT_KILL_IN_ASYNC_WRITE=STEP (with checkpoint.async_save): rank 1 kills itself (not its writer)
@@ -14,6 +16,7 @@ With EXIT_CODE_DIR set, each rank writes the exit code of the command line to EX
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import sys
@@ -71,15 +74,39 @@ def _arm() -> None:
         checkpoint._publish = publish
 
 
+RANK_MODULES = (
+    "megatron.core.dist_checkpointing.strategies.torch",
+    "megatron.core.models.gpt",
+    "torch._dynamo",  # the optimizer's first step imports it
+    "megatron_ext.loss._cpu_kernels",  # numba (each kernel loads from its cache when first called)
+    "megatron_ext.training.checkpoint",
+    "megatron_ext.training.cli",
+    "megatron_ext.training.trainer",
+    "tests._fault_entry",
+)
+"""What every rank imports: the trainer, the model, megatron's checkpointing, the loss's CPU
+kernels (tests/_torchrun.py's fork server imports them once for all the jobs)."""
+
+
+def prepare() -> None:
+    for name in RANK_MODULES:
+        importlib.import_module(name)
+
+
+def rank_main(argv: list[str]) -> int:
+    """One rank: arm the fault, run the trainer's command line, return its exit code."""
+    _arm()
+    from megatron_ext.training.cli import main
+
+    code = main(argv)
+    if "EXIT_CODE_DIR" in os.environ:
+        with open(os.path.join(os.environ["EXIT_CODE_DIR"], os.environ["RANK"]), "w") as f:
+            f.write(str(code))
+    return code
+
+
 if __name__ == "__main__":
     from megatron_ext.core.shutdown import skip_final_gc
 
     skip_final_gc()  # as the trainer's own entry point does
-    _arm()
-    from megatron_ext.training.cli import main
-
-    code = main(sys.argv[1:])
-    if "EXIT_CODE_DIR" in os.environ:
-        with open(os.path.join(os.environ["EXIT_CODE_DIR"], os.environ["RANK"]), "w") as f:
-            f.write(str(code))
-    sys.exit(code)
+    sys.exit(rank_main(sys.argv[1:]))

@@ -19,8 +19,6 @@ import os
 import random
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -37,6 +35,8 @@ from megatron_ext.training import (
 )
 from megatron_ext.training.synthetic import write_synthetic_dataset
 from tests import _workers_reliability as w
+from tests._fault_entry import RANK_MODULES
+from tests._torchrun import start_job
 from tests.distributed import free_port
 from tests.reliability_report import record
 from tests.tiny_run import tiny_run_config
@@ -199,9 +199,11 @@ def test_nan_weights_are_never_saved(pool2, data_prefix, tmp_path):
 
 
 class Job:
-    """One torchrun job (tests/_torchrun.py) of two CPU ranks running the trainer's command line
-    (tests/_fault_entry.py adds the faults), in its own process group so that it can be killed
-    whole."""
+    """One torchrun job of two CPU ranks running the trainer's command line (tests/_fault_entry.py
+    adds the faults), in a session of its own so that it can be killed whole: torchrun's agent
+    with its ranks forked from it, the job forked from a fork server that imported the trainer
+    once (tests/_torchrun.py). With fork_ranks=False the ranks are `python -u` processes of
+    their own, as torchrun starts them from a script."""
 
     def __init__(
         self,
@@ -209,12 +211,13 @@ class Job:
         root: Path,
         env: dict[str, str] | None = None,
         async_save: bool = False,
+        fork_ranks: bool = True,
     ) -> None:
         self.root = root
         self.log = root / "logs"
         self.ckpt = root / "ckpt"
         args = [
-            sys.executable, "-m", "tests._torchrun", "--nproc-per-node", "2",
+            "--nproc-per-node", "2",
             "--master-port", str(free_port()), str(REPO / "tests" / "_fault_entry.py"),
             "--model", "tiny", "--data-path", data_prefix, "--split", "90,10,0",
             "--train-steps", str(STEPS), "--global-batch-size", "8", "--micro-batch-size", "2",
@@ -224,16 +227,17 @@ class Job:
             "--set", "logging.tensorboard=false",
             "--set", f"checkpoint.async_save={str(async_save).lower()}",
         ]  # fmt: skip
-        self.output = open(root / "output.txt", "a")  # noqa: SIM115 - closed in wait()
-        self.seen = self.output.tell()  # output of earlier jobs
+        output = root / "output.txt"
+        output.touch()
+        self.seen = output.stat().st_size  # output of earlier jobs
         self.start = time.monotonic()
-        self.proc = subprocess.Popen(
+        self.proc = start_job(
             args,
-            cwd=REPO,
+            fork_ranks=fork_ranks,
+            preload=RANK_MODULES,
             env={**os.environ, **(env or {}), "PYTHONPATH": str(REPO)},
-            stdout=self.output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+            cwd=REPO,
+            output=output,
         )
 
     def last_step(self) -> int:
@@ -276,11 +280,7 @@ class Job:
         return self.proc.poll() is None or self.proc.returncode < 0
 
     def wait(self, timeout: float = 300) -> int:
-        try:
-            code = self.proc.wait(timeout=timeout)
-        finally:
-            self.output.close()
-        return code
+        return self.proc.wait(timeout=timeout)
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -456,10 +456,13 @@ def test_sigterm_saves_and_exits_then_resumes_exactly(data_prefix, reference, tm
     """SIGTERM to every process of the job (what Slurm does before preemption): the ranks finish
     their step, save, and exit; the resumed run matches the uninterrupted one. torchrun's agent,
     signalled itself, forwards SIGTERM to the ranks, waits for them and exits with 1. The saves are
-    asynchronous: the one made on SIGTERM is published before the ranks return."""
+    asynchronous: the one made on SIGTERM is published before the ranks return. The ranks are
+    script processes here, as torchrun starts them (see tests/_torchrun.py)."""
     codes = tmp_path / "exit_codes"
     codes.mkdir()
-    job = Job(data_prefix, tmp_path, {"EXIT_CODE_DIR": str(codes)}, async_save=True)
+    job = Job(
+        data_prefix, tmp_path, {"EXIT_CODE_DIR": str(codes)}, async_save=True, fork_ranks=False
+    )
     signal_step = 6
     assert job.wait_for_step(signal_step)
     sent = time.monotonic()

@@ -40,7 +40,12 @@ def _worker_main(rank: int, world_size: int, port: int, tasks, results) -> None:
     import torch.distributed as dist
 
     import megatron_ext  # noqa: F401 - before megatron-core (see megatron_ext.core.jit)
+    import megatron_ext.training.trainer  # noqa: F401 - what most checks run
+    from megatron_ext.core.heap import freeze_imported_objects
 
+    # As the trainer's entry points do: the collections after each check (below) and those in
+    # the runs skip the imported modules' objects.
+    freeze_imported_objects()
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     os.environ["RANK"] = str(rank)

@@ -405,10 +405,12 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(config_to_dict(config), indent=2))
             return 0
         check_before_launch(config)
+        from megatron_ext.core.heap import freeze_imported_objects
         from megatron_ext.training.checkpoint import NonFiniteWeightsError
         from megatron_ext.training.trainer import NonFiniteError, pretrain
 
         expected += (NonFiniteError, NonFiniteWeightsError)
+        freeze_imported_objects()  # collections during the run skip them (megatron_ext.core.heap)
         pretrain(config)
     except Exception as exc:
         if not isinstance(exc, expected):

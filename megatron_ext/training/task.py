@@ -17,10 +17,13 @@ __all__ = ["pretrain_on_this_rank"]
 
 
 def pretrain_on_this_rank(config: TrainConfig) -> TrainResult:
-    """`megatron_ext.training.pretrain(config)`, in a rank process that ends with it (its exit
-    skips the final garbage collection: megatron_ext.core.shutdown)."""
+    """`megatron_ext.training.pretrain(config)`, in a rank process that ends with it: the
+    collections during the run skip the imported modules' objects (megatron_ext.core.heap) and
+    its exit skips the final one (megatron_ext.core.shutdown)."""
+    from megatron_ext.core.heap import freeze_imported_objects
     from megatron_ext.core.shutdown import skip_final_gc
     from megatron_ext.training.trainer import pretrain
 
     skip_final_gc()
+    freeze_imported_objects()
     return pretrain(config)

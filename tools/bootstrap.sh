@@ -41,3 +41,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
         echo "[bootstrap] (the files above did not byte-compile; the rest did)"
     echo "$want" > "$stamp"
 fi
+# The project's own packages are installed in place (editable), so nothing byte-compiles them, and
+# where PYTHONDONTWRITEBYTECODE is set no process keeps what it compiled: every process that
+# imports the trainer compiled its modules again (0.21 s of its imports instead of 0.03 s on 2
+# cores). compileall rewrites only what changed since its last run (about a second).
+.venv/bin/python -m compileall -q -j 0 megatron_ext run_configs tools tests >/dev/null ||
+    echo "[bootstrap] (some of the project's files did not byte-compile)"

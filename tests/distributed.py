@@ -35,6 +35,12 @@ def free_port() -> int:
 
 def _worker_main(rank: int, world_size: int, port: int, tasks, results) -> None:
     import datetime
+    import multiprocessing
+
+    # A spawned process inherits "spawn" as its default start method; a torchrun rank has
+    # Linux's "fork". Data-loader workers started by spawn import torch and the dataset code
+    # again: the one pool check with workers took 9.6 s instead of 1.3 s.
+    multiprocessing.set_start_method("fork", force=True)
 
     import torch
     import torch.distributed as dist

@@ -39,7 +39,7 @@ def _worker_main(rank: int, world_size: int, port: int, tasks, results) -> None:
 
     # A spawned process inherits "spawn" as its default start method; a torchrun rank has
     # Linux's "fork". Data-loader workers started by spawn import torch and the dataset code
-    # again: the one pool check with workers took 9.6 s instead of 1.3 s.
+    # again: the one pool check with workers took 8.7-9.1 s instead of 1.4-1.5 s.
     multiprocessing.set_start_method("fork", force=True)
 
     import torch

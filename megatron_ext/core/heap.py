@@ -9,7 +9,7 @@ state (every checkpoint save and load: 0.24-0.34 s each on a 2-core machine); so
 every object alive at that moment into the permanent generation (gc.freeze), which collections
 skip. Those objects are still freed by reference counting; only a reference cycle among them is
 never collected. Forked children (data-loader workers, the asynchronous checkpoint writer) then
-also leave the pages of those objects unwritten (Python's documentation of gc.freeze).
+also leave those objects' pages alone when they collect (Python's documentation of gc.freeze).
 
 Measured on 2 cores, one process, the tiny MoE model with the distributed optimizer: 6 steps with
 2 saves took 0.95-1.01 s instead of 1.50-1.61 s, and a resume of 3 steps 0.80-0.85 s instead of

@@ -159,14 +159,19 @@ def check_clip_grads() -> None:
     import torch.distributed as dist
     from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32, get_grad_norm_fp32
 
-    if not dist.is_initialized():
+    made_group = not dist.is_initialized()
+    if made_group:
         _init_single_rank_group()
-    p = torch.nn.Parameter(torch.ones(4))
-    p.grad = torch.full((4,), 3.0)
-    norm = get_grad_norm_fp32([p.grad], grad_stats_parallel_group=dist.group.WORLD)
-    assert abs(norm - 6.0) < 1e-6, norm
-    clip_grad_by_total_norm_fp32([p], max_norm=1.0, total_norm=norm)
-    assert torch.allclose(p.grad, torch.full((4,), 0.5), atol=1e-5)
+    try:
+        p = torch.nn.Parameter(torch.ones(4))
+        p.grad = torch.full((4,), 3.0)
+        norm = get_grad_norm_fp32([p.grad], grad_stats_parallel_group=dist.group.WORLD)
+        assert abs(norm - 6.0) < 1e-6, norm
+        clip_grad_by_total_norm_fp32([p], max_norm=1.0, total_norm=norm)
+        assert torch.allclose(p.grad, torch.full((4,), 0.5), atol=1e-5)
+    finally:
+        if made_group:  # destroyed here, as PyTorch asks, not left to the worker's exit
+            dist.destroy_process_group()
 
 
 def _init_single_rank_group() -> None:

@@ -23,6 +23,7 @@ under the interpreter (the code a GPU compiles); the figures then mean nothing.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import importlib.util
 import io
@@ -73,6 +74,8 @@ def _init_group(device: str) -> dist.ProcessGroup:
                 s.bind(("127.0.0.1", 0))
                 os.environ["MASTER_PORT"] = str(s.getsockname()[1])
         dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
+        # Destroyed before exit on every path, failures too, as PyTorch asks.
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     return dist.group.WORLD
 
 

@@ -336,8 +336,7 @@ def main() -> int:
     args.dtype = args.dtype or ("bf16" if cuda else "fp32")
 
     if args.memory_of:
-        print(json.dumps(measure_memory(args, args.memory_of)))
-        return 0
+        _tool("bench_loss")._print_result_and_exit(measure_memory(args, args.memory_of))
     lines: list[str] = []
     result: dict = {"kind": "output_loss"}
     if not args.train_only:

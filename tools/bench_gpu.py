@@ -23,14 +23,12 @@ under the interpreter (the code a GPU compiles); the figures then mean nothing.
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
 import importlib.util
 import io
 import json
 import os
 import re
-import socket
 import statistics
 import sys
 import time
@@ -66,17 +64,17 @@ def peak_bandwidth(name: str) -> float | None:
 # loss
 
 
+def _tool(name: str):
+    """Another benchmark of tools/ as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _init_group(device: str) -> dist.ProcessGroup:
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-        dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
-        # Destroyed before exit on every path, failures too, as PyTorch asks.
-        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
-    return dist.group.WORLD
+    backend = "nccl" if device == "cuda" else "gloo"
+    return _tool("bench_loss")._init_single_rank_group(backend)
 
 
 def _loss_fn(name: str, group: dist.ProcessGroup):
@@ -273,9 +271,7 @@ def bench_train(args) -> dict:
     from megatron_ext.models.config import MODEL_PRESETS
 
     MODEL_PRESETS.setdefault("dense_100m", dense_100m)
-    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "tools" / "bench_train.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _tool("bench_train")
     if args.small:
         argv = ["--model", "tiny", "--steps", "1", "--warmup", "0"]
     else:
@@ -448,8 +444,6 @@ def main() -> int:
         result = bench_train(args)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return 0
 
 

@@ -33,7 +33,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BASELINE = "megatron_ce"
 
 
-def _init_single_rank_group() -> dist.ProcessGroup:
+def _init_single_rank_group(backend: str = "gloo") -> dist.ProcessGroup:
+    """A one-rank group on a free local port (unless one is initialized), destroyed at exit on
+    every path, failures too, as PyTorch asks."""
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
@@ -42,7 +44,7 @@ def _init_single_rank_group() -> dist.ProcessGroup:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        dist.init_process_group(backend, rank=0, world_size=1)
         atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     return dist.group.WORLD
 
